@@ -1,0 +1,129 @@
+//! The HTTP API on :8480 (DESIGN.md, "Ports, API and CLI"). Handlers parse and check
+//! parameters, ask `crate::query`, and answer JSON; every error is `{"error": "..."}` with a
+//! 4xx/5xx status, and storage errors are logged, never shown.
+
+mod params;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde_json::json;
+use tracing::error;
+
+use crate::{metrics::Metrics, query::Queries};
+pub use params::{parse_time, parse_window};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub queries: Queries,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/traces", get(search_traces))
+        .route("/api/v1/traces/{trace_id}", get(trace))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+}
+
+/// An error as the API reports it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// A storage failure: logged in full, reported without ClickHouse's text.
+    fn storage(e: clickhouse::error::Error) -> Self {
+        error!("query failed: {e}");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the trace store could not answer; see the collector log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+type Params = Query<HashMap<String, String>>;
+
+async fn services(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {
+    let window = parse_window(&params)?;
+    let services = state.queries.services(window).await.map_err(ApiError::storage)?;
+    Ok(Json(json!({ "services": services })).into_response())
+}
+
+async fn search_traces(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {
+    let window = parse_window(&params)?;
+    let filter = params::trace_filter(&params)?;
+    let traces = state.queries.search(window, &filter).await.map_err(ApiError::storage)?;
+    Ok(Json(json!({ "traces": traces })).into_response())
+}
+
+async fn trace(State(state): State<ApiState>, Path(trace_id): Path<String>) -> Result<Response, ApiError> {
+    if trace_id.len() != 32 || !trace_id.bytes().all(|b| b.is_ascii_hexdigit()) || trace_id.bytes().all(|b| b == b'0') {
+        return Err(ApiError::bad_request("trace id must be 32 hex digits, not all zero"));
+    }
+    match state.queries.trace(&trace_id).await.map_err(ApiError::storage)? {
+        Some(spans) => Ok(Json(json!({ "trace_id": trace_id.to_ascii_lowercase(), "spans": spans })).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("trace {trace_id} not found"),
+        )),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    match tokio::time::timeout(Duration::from_secs(2), state.queries.ping()).await {
+        Ok(Ok(())) => Ok(Json(json!({ "status": "ready" })).into_response()),
+        Ok(Err(e)) => {
+            error!("readiness check failed: {e}");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ClickHouse is not answering",
+            ))
+        }
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ClickHouse did not answer within 2 s",
+        )),
+    }
+}

@@ -1,0 +1,17 @@
+//! The Sightline collector: receives spans (OTLP gRPC/HTTP, and later the native
+//! `sightline.v1` protocol), validates and enriches them, writes them to ClickHouse, and serves
+//! them back over an HTTP API. See `docs/architecture.md` for the way a span takes.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod query;
+pub mod receivers;
+pub mod serve;
+pub mod store;
+pub mod testing;
+
+pub use config::Config;
+pub use serve::Collector;

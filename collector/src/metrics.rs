@@ -1,0 +1,133 @@
+//! The collector's self-metrics, exposed on `/metrics` in Prometheus text format. One
+//! `Metrics` is shared (behind an `Arc`) by every stage; each stage only increments its own.
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReceiverLabel {
+    pub receiver: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestRejectionLabels {
+    pub receiver: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Spans accepted into the pipeline, by receiver.
+    pub received_spans: Family<ReceiverLabel, Counter>,
+    /// Spans refused by validation, by reason.
+    pub rejected_spans: Family<ReasonLabel, Counter>,
+    /// Whole requests refused, by receiver and reason.
+    pub rejected_requests: Family<RequestRejectionLabels, Counter>,
+    /// Strings cut to the configured limit, and attributes past the per-span cap.
+    pub truncated_values: Counter,
+    pub written_rows: Family<TableLabel, Counter>,
+    pub insert_failures: Family<TableLabel, Counter>,
+    /// Spans given up after the last insert attempt.
+    pub dropped_spans: Family<ReasonLabel, Counter>,
+    /// Spans between receivers and ClickHouse (queued and batching).
+    pub write_queue_spans: Gauge,
+    pub insert_duration_seconds: Family<TableLabel, Histogram>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sightline");
+        let metrics = Self {
+            received_spans: Family::default(),
+            rejected_spans: Family::default(),
+            rejected_requests: Family::default(),
+            truncated_values: Counter::default(),
+            written_rows: Family::default(),
+            insert_failures: Family::default(),
+            dropped_spans: Family::default(),
+            write_queue_spans: Gauge::default(),
+            insert_duration_seconds: Family::new_with_constructor(|| {
+                Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            }),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "received_spans",
+            "Spans accepted, by receiver",
+            metrics.received_spans.clone(),
+        );
+        registry.register(
+            "rejected_spans",
+            "Spans refused by validation, by reason",
+            metrics.rejected_spans.clone(),
+        );
+        registry.register(
+            "rejected_requests",
+            "Requests refused whole, by receiver and reason",
+            metrics.rejected_requests.clone(),
+        );
+        registry.register(
+            "truncated_values",
+            "Strings and attribute lists cut to their limits",
+            metrics.truncated_values.clone(),
+        );
+        registry.register(
+            "written_rows",
+            "Rows written to ClickHouse, by table",
+            metrics.written_rows.clone(),
+        );
+        registry.register(
+            "insert_failures",
+            "Failed INSERT attempts, by table",
+            metrics.insert_failures.clone(),
+        );
+        registry.register(
+            "dropped_spans",
+            "Spans given up, by reason",
+            metrics.dropped_spans.clone(),
+        );
+        registry.register(
+            "write_queue_spans",
+            "Spans waiting to be written",
+            metrics.write_queue_spans.clone(),
+        );
+        registry.register(
+            "insert_duration_seconds",
+            "Time per INSERT, by table",
+            metrics.insert_duration_seconds.clone(),
+        );
+        Self { registry, ..metrics }
+    }
+
+    pub fn reject_request(&self, receiver: &'static str, reason: &'static str) {
+        self.rejected_requests
+            .get_or_create(&RequestRejectionLabels { receiver, reason })
+            .inc();
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

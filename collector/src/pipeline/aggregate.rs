@@ -1,0 +1,143 @@
+//! Per-minute latency aggregates: calls, errors and a sparse histogram per (minute, service,
+//! version, BT, operation, kind, status). Every span counts, so RED figures stay exact however
+//! traces are sampled. Partials from each request are merged in the writer and again by
+//! ClickHouse's SummingMergeTree.
+
+use std::collections::{BTreeMap, HashMap};
+
+use sightline_proto::histogram;
+
+use crate::model::{Span, SpanKind, SpanStatus};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LatencyKey {
+    /// Unix seconds at the start of the minute.
+    pub minute: u32,
+    pub service: String,
+    pub service_version: String,
+    pub bt: String,
+    pub operation: String,
+    pub kind: SpanKind,
+    pub status: SpanStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LatencyValue {
+    pub calls: u64,
+    pub errors: u64,
+    pub duration_us_sum: u64,
+    /// Bucket value (shared layout, µs) -> count.
+    pub histogram: BTreeMap<u64, u64>,
+}
+
+impl LatencyValue {
+    fn add(&mut self, other: LatencyValue) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.duration_us_sum += other.duration_us_sum;
+        for (bucket, count) in other.histogram {
+            *self.histogram.entry(bucket).or_insert(0) += count;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct LatencyAggregates {
+    entries: HashMap<LatencyKey, LatencyValue>,
+}
+
+impl LatencyAggregates {
+    /// Aggregates a batch of spans.
+    pub fn from_spans(spans: &[Span]) -> Self {
+        let mut aggregates = Self::default();
+        for span in spans {
+            let micros = span.duration_ns.div_ceil(1000);
+            let key = LatencyKey {
+                minute: ((span.start_ns / 1_000_000_000) / 60 * 60) as u32,
+                service: span.service.clone(),
+                service_version: span.service_version.clone(),
+                bt: span.bt.clone(),
+                operation: span.operation.clone(),
+                kind: span.kind,
+                status: span.status,
+            };
+            let value = aggregates.entries.entry(key).or_default();
+            value.calls += 1;
+            value.errors += u64::from(span.status == SpanStatus::Error);
+            value.duration_us_sum += micros;
+            *value.histogram.entry(histogram::bucket_of(micros)).or_insert(0) += 1;
+        }
+        aggregates
+    }
+
+    pub fn add(&mut self, key: LatencyKey, value: LatencyValue) {
+        self.entries.entry(key).or_default().add(value);
+    }
+
+    pub fn merge(&mut self, other: LatencyAggregates) {
+        for (key, value) in other.entries {
+            self.add(key, value);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Takes every entry out, leaving the aggregates empty.
+    pub fn drain(&mut self) -> Vec<(LatencyKey, LatencyValue)> {
+        self.entries.drain().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(start_s: u64, micros: u64, status: SpanStatus) -> Span {
+        Span {
+            service: "auth".into(),
+            bt: "Login".into(),
+            operation: "POST /login".into(),
+            kind: SpanKind::Server,
+            start_ns: start_s * 1_000_000_000,
+            duration_ns: micros * 1000,
+            status,
+            ..Span::default()
+        }
+    }
+
+    #[test]
+    fn counts_calls_errors_and_buckets_per_minute() {
+        let spans = [
+            span(120, 100, SpanStatus::Ok),
+            span(150, 100, SpanStatus::Error),
+            span(179, 5000, SpanStatus::Ok),
+            span(180, 100, SpanStatus::Ok),
+        ];
+        let mut aggregates = LatencyAggregates::from_spans(&spans);
+        aggregates.merge(LatencyAggregates::from_spans(&spans[..1]));
+        let mut rows = aggregates.drain();
+        rows.sort_by_key(|(k, _)| (k.minute, k.status as u8));
+        let summary: Vec<_> = rows
+            .iter()
+            .map(|(k, v)| (k.minute, k.status, v.calls, v.errors))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (120, SpanStatus::Ok, 3, 0),
+                (120, SpanStatus::Error, 1, 1),
+                (180, SpanStatus::Ok, 1, 0)
+            ]
+        );
+        let first = &rows[0].1;
+        assert_eq!(first.duration_us_sum, 5200);
+        assert_eq!(first.histogram.get(&histogram::bucket_of(100)), Some(&2));
+        assert!(aggregates.is_empty());
+    }
+}

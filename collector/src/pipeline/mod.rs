@@ -1,0 +1,131 @@
+//! The pipeline between receivers and the store: validate and map (`otlp`), name business
+//! transactions (`enrich`), pre-aggregate latency (`aggregate`), then hand the batch to the
+//! store writer's bounded queue.
+//!
+//! These steps run in the receiving request's task, so decoding and mapping spread over all
+//! cores; the queue is the one hand-off, and a full queue is answered with "retry later".
+
+pub mod aggregate;
+pub mod enrich;
+pub mod otlp;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+
+use crate::{
+    config::Limits,
+    metrics::{Metrics, ReasonLabel, ReceiverLabel},
+    store::writer::{WriteBatch, WriterHandle},
+};
+use aggregate::LatencyAggregates;
+
+/// How long a sender is asked to wait when the queue is full.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct Pipeline {
+    limits: Arc<Limits>,
+    metrics: Arc<Metrics>,
+    writer: WriterHandle,
+}
+
+/// A request the pipeline took, possibly in part.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Why the first rejected span was rejected; empty when none was.
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IngestError {
+    /// Nothing in the request is acceptable; sending it again will not help.
+    #[error("{0}")]
+    Invalid(String),
+    /// The write queue is full; the sender should retry after the delay.
+    #[error("the collector is busy (write queue full), retry in {} s", .0.as_secs())]
+    Busy(Duration),
+}
+
+impl Pipeline {
+    pub fn new(limits: Limits, metrics: Arc<Metrics>, writer: WriterHandle) -> Self {
+        Self {
+            limits: Arc::new(limits),
+            metrics,
+            writer,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Takes one decoded OTLP request through the pipeline.
+    pub fn ingest_otlp(
+        &self,
+        receiver: &'static str,
+        request: ExportTraceServiceRequest,
+    ) -> Result<Accepted, IngestError> {
+        let count = otlp::span_count(&request);
+        if count > self.limits.max_spans_per_request {
+            self.metrics.reject_request(receiver, "too_many_spans");
+            return Err(IngestError::Invalid(format!(
+                "request carries {count} spans, more than the limit of {}",
+                self.limits.max_spans_per_request
+            )));
+        }
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut conversion = otlp::convert(request, &self.limits, now_ns);
+        self.metrics.truncated_values.inc_by(conversion.truncated);
+        for (reason, n) in &conversion.rejected {
+            self.metrics
+                .rejected_spans
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(*n);
+        }
+        let rejected = conversion.rejected_total();
+        let message = conversion.first_rejection.take().unwrap_or_default();
+        if conversion.spans.is_empty() {
+            return if rejected > 0 {
+                self.metrics.reject_request(receiver, "all_spans_invalid");
+                Err(IngestError::Invalid(format!(
+                    "all {rejected} spans rejected; first: {message}"
+                )))
+            } else {
+                Ok(Accepted {
+                    accepted: 0,
+                    rejected: 0,
+                    message,
+                })
+            };
+        }
+        let mut spans = conversion.spans;
+        enrich::fill_business_transactions(&mut spans);
+        let latency = LatencyAggregates::from_spans(&spans);
+        let accepted = spans.len() as u64;
+        if self.writer.try_submit(WriteBatch { spans, latency }).is_err() {
+            self.metrics.reject_request(receiver, "queue_full");
+            return Err(IngestError::Busy(RETRY_AFTER));
+        }
+        self.metrics
+            .received_spans
+            .get_or_create(&ReceiverLabel { receiver })
+            .inc_by(accepted);
+        Ok(Accepted {
+            accepted,
+            rejected,
+            message,
+        })
+    }
+}

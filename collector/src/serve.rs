@@ -1,0 +1,168 @@
+//! Wires the collector together: store (private ClickHouse or a configured URL), migrations,
+//! writer, pipeline, receivers and API; and takes it apart in the reverse order, so that
+//! everything received is written before the process ends.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+use crate::{
+    api::{self, ApiState},
+    config::Config,
+    metrics::Metrics,
+    pipeline::Pipeline,
+    query::Queries,
+    receivers::{otlp_grpc::OtlpTraceService, otlp_http},
+    store::{self, launcher::ClickHouseServer, schema, writer},
+};
+
+/// A running collector. Dropping it without [`Collector::shutdown`] stops the servers abruptly.
+pub struct Collector {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub clickhouse_url: String,
+    pub clickhouse_version: String,
+    pub metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    servers: JoinSet<anyhow::Result<()>>,
+    writer: JoinSet<()>,
+    clickhouse: Option<ClickHouseServer>,
+}
+
+impl Collector {
+    /// Starts everything and returns once all ports are bound and the schema is in place.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let (clickhouse, url) = if config.clickhouse.url.is_empty() {
+            let dir: PathBuf = config.data_dir.join("clickhouse");
+            let binary = config.clickhouse.binary.clone();
+            let server = tokio::task::spawn_blocking(move || ClickHouseServer::start(&dir, &binary)).await??;
+            let url = server.url();
+            info!(url, data = %server.data_dir().display(), "started private ClickHouse");
+            (Some(server), url)
+        } else {
+            (None, config.clickhouse.url.clone())
+        };
+        let database = &config.clickhouse.database;
+        let client = store::client(&url, database, &config.clickhouse);
+        let version = schema::migrate(&client, database, config.clickhouse.retention_days)
+            .await
+            .with_context(|| format!("cannot prepare database {database} on ClickHouse at {url}"))?;
+        info!(version, database, "schema ready");
+
+        let metrics = Arc::new(Metrics::new());
+        let (writer_handle, writer_tasks) = writer::start(client.clone(), &config.writer, metrics.clone());
+        let pipeline = Pipeline::new(config.limits.clone(), metrics.clone(), writer_handle);
+
+        let grpc_listener = bind(config.receivers.grpc_listen, "OTLP/gRPC").await?;
+        let http_listener = bind(config.receivers.http_listen, "OTLP/HTTP").await?;
+        let api_listener = bind(config.api.listen, "API").await?;
+        let (grpc_addr, http_addr, api_addr) = (
+            grpc_listener.local_addr()?,
+            http_listener.local_addr()?,
+            api_listener.local_addr()?,
+        );
+
+        let (stop, stopped) = watch::channel(false);
+        let mut servers = JoinSet::new();
+        let grpc = tonic::transport::Server::builder().add_service(OtlpTraceService::new(pipeline.clone()));
+        servers.spawn(async move {
+            Ok(grpc
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal(stopped))
+                .await?)
+        });
+        let http_app = otlp_http::router(pipeline);
+        let stopped = stop.subscribe();
+        servers.spawn(async move {
+            Ok(axum::serve(http_listener, http_app)
+                .with_graceful_shutdown(signal(stopped))
+                .await?)
+        });
+        let api_app = api::router(ApiState {
+            queries: Queries::new(client),
+            metrics: metrics.clone(),
+        });
+        let stopped = stop.subscribe();
+        servers.spawn(async move {
+            Ok(axum::serve(api_listener, api_app)
+                .with_graceful_shutdown(signal(stopped))
+                .await?)
+        });
+        info!(%grpc_addr, %http_addr, %api_addr, "collector listening");
+
+        Ok(Self {
+            grpc_addr,
+            http_addr,
+            api_addr,
+            clickhouse_url: url,
+            clickhouse_version: version,
+            metrics,
+            stop,
+            servers,
+            writer: writer_tasks,
+            clickhouse,
+        })
+    }
+
+    /// Waits until a server fails or Ctrl-C / SIGTERM arrives, then shuts down.
+    pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
+        let failed = tokio::select! {
+            _ = shutdown_signal() => None,
+            Some(result) = self.servers.join_next() => Some(result),
+        };
+        if let Some(result) = failed {
+            self.shutdown().await?;
+            return match result {
+                Ok(Ok(())) => Err(anyhow::anyhow!("a server stopped unexpectedly")),
+                Ok(Err(e)) => Err(e.context("server failed")),
+                Err(e) => Err(anyhow::anyhow!("server task panicked: {e}")),
+            };
+        }
+        info!("shutting down");
+        self.shutdown().await
+    }
+
+    /// Stops accepting, writes everything received, then stops the private ClickHouse.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        while let Some(result) = self.servers.join_next().await {
+            if let Ok(Err(e)) = result {
+                warn!("server ended with error: {e:#}");
+            }
+        }
+        // The servers held the last pipeline handles; with them gone the writer drains.
+        while self.writer.join_next().await.is_some() {}
+        if let Some(mut server) = self.clickhouse.take() {
+            tokio::task::spawn_blocking(move || server.stop()).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr} (is another collector running?)"))
+}
+
+async fn signal(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,112 @@
+//! Rows as ClickHouse receives them (RowBinary, column order = field order). Spans are written
+//! borrowed from the model, so encoding copies no strings.
+
+use clickhouse::Row;
+use serde::{ser::SerializeSeq, Serialize, Serializer};
+
+use crate::{
+    model::Span,
+    pipeline::aggregate::{LatencyKey, LatencyValue},
+};
+
+/// One row of `spans_input` (see `schema.rs`).
+#[derive(Row, Serialize)]
+pub struct SpanRow<'a> {
+    trace_id: &'a [u8; 16],
+    span_id: u64,
+    parent_span_id: u64,
+    service: &'a str,
+    service_version: &'a str,
+    instance: &'a str,
+    operation: &'a str,
+    kind: i8,
+    component: &'a str,
+    peer: &'a str,
+    bt: &'a str,
+    start_us: u64,
+    duration_us: u64,
+    status: i8,
+    error_type: &'a str,
+    error_message: &'a str,
+    #[serde(rename = "attributes.key")]
+    attribute_keys: AttributeColumn<'a, 0>,
+    #[serde(rename = "attributes.value")]
+    attribute_values: AttributeColumn<'a, 1>,
+}
+
+impl<'a> From<&'a Span> for SpanRow<'a> {
+    fn from(s: &'a Span) -> Self {
+        Self {
+            trace_id: &s.trace_id,
+            span_id: s.span_id,
+            parent_span_id: s.parent_span_id,
+            service: &s.service,
+            service_version: &s.service_version,
+            instance: &s.instance,
+            operation: &s.operation,
+            kind: s.kind as i8,
+            component: &s.component,
+            peer: &s.peer,
+            bt: &s.bt,
+            start_us: s.start_ns / 1000,
+            // Rounded up: a span that ran is never stored as taking no time.
+            duration_us: s.duration_ns.div_ceil(1000),
+            status: s.status as i8,
+            error_type: &s.error_type,
+            error_message: &s.error_message,
+            attribute_keys: AttributeColumn(&s.attributes),
+            attribute_values: AttributeColumn(&s.attributes),
+        }
+    }
+}
+
+/// One side (0 = keys, 1 = values) of the attribute pairs, serialized as an array.
+struct AttributeColumn<'a, const SIDE: usize>(&'a [(String, String)]);
+
+impl<const SIDE: usize> Serialize for AttributeColumn<'_, SIDE> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for (key, value) in self.0 {
+            seq.serialize_element(if SIDE == 0 { key } else { value })?;
+        }
+        seq.end()
+    }
+}
+
+/// One row of `latency_1m`: a partial sum that SummingMergeTree adds to the others.
+#[derive(Row, Serialize)]
+pub struct LatencyRow<'a> {
+    minute: u32,
+    service: &'a str,
+    service_version: &'a str,
+    bt: &'a str,
+    operation: &'a str,
+    kind: i8,
+    status: i8,
+    calls: u64,
+    errors: u64,
+    duration_us_sum: u64,
+    #[serde(rename = "histMap.bucket")]
+    buckets: Vec<u64>,
+    #[serde(rename = "histMap.count")]
+    counts: Vec<u64>,
+}
+
+impl<'a> LatencyRow<'a> {
+    pub fn new(key: &'a LatencyKey, value: &LatencyValue) -> Self {
+        Self {
+            minute: key.minute,
+            service: &key.service,
+            service_version: &key.service_version,
+            bt: &key.bt,
+            operation: &key.operation,
+            kind: key.kind as i8,
+            status: key.status as i8,
+            calls: value.calls,
+            errors: value.errors,
+            duration_us_sum: value.duration_us_sum,
+            buckets: value.histogram.keys().copied().collect(),
+            counts: value.histogram.values().copied().collect(),
+        }
+    }
+}

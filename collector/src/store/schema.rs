@@ -1,0 +1,319 @@
+//! Tables and their migrations. One schema serves ClickHouse 18.16 (tests, CI) and modern
+//! servers (23.8+): the DDL is generated per server generation, and modern servers also get
+//! column codecs, a TTL and skip indexes. Applied migrations are recorded in
+//! `schema_migrations`; every statement is idempotent, so a half-applied migration is safe to
+//! run again.
+//!
+//! Data enters through `spans_input` (a `Null` table of plain columns: RowBinary parses at full
+//! speed) and materialized views fan it out to `spans` (LowCardinality columns), the trace-id
+//! lookup and the instance list. Latency aggregates are written by the collector itself.
+
+use clickhouse::{sql::Identifier, Client};
+use tracing::info;
+
+/// What the DDL depends on.
+#[derive(Debug, Clone)]
+pub struct Ddl {
+    pub database: String,
+    /// ClickHouse 23.8 or newer: codecs, TTL, skip indexes.
+    pub modern: bool,
+    pub retention_days: u32,
+}
+
+/// A named, numbered set of statements, applied once per database.
+pub struct Migration {
+    pub id: u32,
+    pub name: &'static str,
+    pub statements: fn(&Ddl) -> Vec<String>,
+}
+
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        id: 1,
+        name: "spans, trace index, instances",
+        statements: spans_tables,
+    },
+    Migration {
+        id: 2,
+        name: "per-minute latency aggregates",
+        statements: latency_tables,
+    },
+];
+
+pub const KIND_ENUM: &str =
+    "Enum8('unspecified' = 0, 'internal' = 1, 'server' = 2, 'client' = 3, 'producer' = 4, 'consumer' = 5)";
+pub const STATUS_ENUM: &str = "Enum8('unset' = 0, 'ok' = 1, 'error' = 2)";
+
+/// The server generation, from `version()`.
+pub fn is_modern(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (23, 8)
+}
+
+fn spans_tables(d: &Ddl) -> Vec<String> {
+    let db = &d.database;
+    // Modern servers: Delta for sorted times, ZSTD everywhere, skip indexes for the filters
+    // trace search uses, and the retention TTL (18.16 drops day partitions instead).
+    let (delta, zstd) = if d.modern {
+        (" CODEC(Delta, ZSTD(1))", " CODEC(ZSTD(1))")
+    } else {
+        ("", "")
+    };
+    let extras = if d.modern {
+        ",\n  INDEX idx_trace_id trace_id TYPE bloom_filter(0.01) GRANULARITY 4\
+         ,\n  INDEX idx_operation operation TYPE set(1000) GRANULARITY 4\
+         ,\n  INDEX idx_bt bt TYPE set(1000) GRANULARITY 4\
+         ,\n  INDEX idx_duration duration_us TYPE minmax GRANULARITY 1"
+    } else {
+        ""
+    };
+    let ttl = if d.modern {
+        format!(
+            "\nTTL toDateTime(intDiv(start_us, 1000000)) + INTERVAL {} DAY",
+            d.retention_days
+        )
+    } else {
+        String::new()
+    };
+    let ttl_index = if d.modern {
+        format!("\nTTL day + INTERVAL {} DAY", d.retention_days)
+    } else {
+        String::new()
+    };
+    vec![
+        // Sorted by (service, start): a trace's spans in one service sit together, which is
+        // what keeps bytes per span low; operation is left out of the key on purpose (it
+        // costs ~11 B/span), modern servers index it instead.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.spans (
+  trace_id FixedString(16){zstd},
+  span_id UInt64{zstd},
+  parent_span_id UInt64{zstd},
+  service LowCardinality(String),
+  service_version LowCardinality(String),
+  instance LowCardinality(String),
+  operation LowCardinality(String),
+  kind {KIND_ENUM},
+  component LowCardinality(String),
+  peer LowCardinality(String),
+  bt LowCardinality(String),
+  start_us UInt64{delta},
+  duration_us UInt64{zstd},
+  status {STATUS_ENUM},
+  error_type LowCardinality(String),
+  error_message String{zstd},
+  attributes Nested(key String, value String){extras}
+) ENGINE = MergeTree
+PARTITION BY toDate(intDiv(start_us, 1000000))
+ORDER BY (service, start_us){ttl}
+SETTINGS index_granularity = 8192"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.spans_input (
+  trace_id FixedString(16),
+  span_id UInt64,
+  parent_span_id UInt64,
+  service String,
+  service_version String,
+  instance String,
+  operation String,
+  kind Int8,
+  component String,
+  peer String,
+  bt String,
+  start_us UInt64,
+  duration_us UInt64,
+  status Int8,
+  error_type String,
+  error_message String,
+  `attributes.key` Array(String),
+  `attributes.value` Array(String)
+) ENGINE = Null"
+        ),
+        format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.spans_mv TO {db}.spans AS SELECT
+  trace_id, span_id, parent_span_id,
+  CAST(service AS LowCardinality(String)) AS service,
+  CAST(service_version AS LowCardinality(String)) AS service_version,
+  CAST(instance AS LowCardinality(String)) AS instance,
+  CAST(operation AS LowCardinality(String)) AS operation,
+  CAST(kind AS {KIND_ENUM}) AS kind,
+  CAST(component AS LowCardinality(String)) AS component,
+  CAST(peer AS LowCardinality(String)) AS peer,
+  CAST(bt AS LowCardinality(String)) AS bt,
+  start_us, duration_us,
+  CAST(status AS {STATUS_ENUM}) AS status,
+  CAST(error_type AS LowCardinality(String)) AS error_type,
+  error_message, `attributes.key`, `attributes.value`
+FROM {db}.spans_input"
+        ),
+        // Trace id -> time range and services: a trace opens by primary key, not by scan.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.trace_index (
+  trace_id FixedString(16),
+  day Date,
+  first_start_us UInt64,
+  last_end_us UInt64,
+  services Array(String)
+) ENGINE = MergeTree
+PARTITION BY day
+ORDER BY trace_id{ttl_index}"
+        ),
+        format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.trace_index_mv TO {db}.trace_index AS SELECT
+  trace_id,
+  toDate(intDiv(min(start_us), 1000000)) AS day,
+  min(start_us) AS first_start_us,
+  max(start_us + duration_us) AS last_end_us,
+  groupUniqArray(service) AS services
+FROM {db}.spans_input
+GROUP BY trace_id"
+        ),
+        // Which instances of which versions sent spans, per minute: versions' first-seen
+        // times (deployment markers) without reading raw spans.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.service_instances (
+  minute DateTime,
+  service LowCardinality(String),
+  service_version LowCardinality(String),
+  instance LowCardinality(String),
+  spans UInt64
+) ENGINE = SummingMergeTree((spans))
+PARTITION BY toYYYYMM(minute)
+ORDER BY (service, service_version, instance, minute)"
+        ),
+        format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.service_instances_mv TO {db}.service_instances AS SELECT
+  toStartOfMinute(toDateTime(intDiv(start_us, 1000000))) AS minute,
+  CAST(service AS LowCardinality(String)) AS service,
+  CAST(service_version AS LowCardinality(String)) AS service_version,
+  CAST(instance AS LowCardinality(String)) AS instance,
+  count() AS spans
+FROM {db}.spans_input
+GROUP BY minute, service, service_version, instance"
+        ),
+    ]
+}
+
+fn latency_tables(d: &Ddl) -> Vec<String> {
+    let db = &d.database;
+    // The histogram column's name must end in `Map` for 18.16's SummingMergeTree to sum it by
+    // bucket on merge; `sumMap(histMap.bucket, histMap.count)` reads it back.
+    vec![format!(
+        "CREATE TABLE IF NOT EXISTS {db}.latency_1m (
+  minute DateTime,
+  service LowCardinality(String),
+  service_version LowCardinality(String),
+  bt LowCardinality(String),
+  operation LowCardinality(String),
+  kind {KIND_ENUM},
+  status {STATUS_ENUM},
+  calls UInt64,
+  errors UInt64,
+  duration_us_sum UInt64,
+  histMap Nested(bucket UInt64, count UInt64)
+) ENGINE = SummingMergeTree((calls, errors, duration_us_sum))
+PARTITION BY toDate(minute)
+ORDER BY (service, minute, service_version, bt, operation, kind, status)"
+    )]
+}
+
+/// Every statement of every migration, in order (for checks against other servers).
+pub fn all_statements(ddl: &Ddl) -> Vec<String> {
+    MIGRATIONS.iter().flat_map(|m| (m.statements)(ddl)).collect()
+}
+
+/// Creates the database and applies the migrations it has not seen. Returns the server version.
+pub async fn migrate(client: &Client, database: &str, retention_days: u32) -> anyhow::Result<String> {
+    // The database may not exist yet: talk to `default` until it does; all names below are
+    // qualified with the database anyway.
+    let client = client.clone().with_database("default");
+    let version: String = client.query("SELECT version()").fetch_one().await?;
+    let ddl = Ddl {
+        database: database.to_string(),
+        modern: is_modern(&version),
+        retention_days,
+    };
+    let client = if ddl.modern {
+        client.clone()
+    } else {
+        // 18.16 needs this to create LowCardinality columns; modern servers do not know it.
+        client
+            .clone()
+            .with_setting("allow_experimental_low_cardinality_type", "1")
+    };
+    client
+        .query("CREATE DATABASE IF NOT EXISTS ?")
+        .bind(Identifier(database))
+        .execute()
+        .await?;
+    client
+        .query(
+            "CREATE TABLE IF NOT EXISTS ?.schema_migrations (id UInt32, name String, applied_at DateTime)
+             ENGINE = MergeTree ORDER BY id",
+        )
+        .bind(Identifier(database))
+        .execute()
+        .await?;
+    let applied: Vec<u32> = client
+        .query("SELECT DISTINCT id FROM ?.schema_migrations")
+        .bind(Identifier(database))
+        .fetch_all()
+        .await?;
+    for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.id)) {
+        for statement in (migration.statements)(&ddl) {
+            client.query(&statement).execute().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "migration {} ({}) failed: {e}\n{statement}",
+                    migration.id,
+                    migration.name
+                )
+            })?;
+        }
+        client
+            .query("INSERT INTO ?.schema_migrations (id, name, applied_at) VALUES (?, ?, now())")
+            .bind(Identifier(database))
+            .bind(migration.id)
+            .bind(migration.name)
+            .execute()
+            .await?;
+        info!(id = migration.id, name = migration.name, "applied migration");
+    }
+    Ok(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_generation_from_version() {
+        assert!(!is_modern("18.16.1"));
+        assert!(!is_modern("23.3.1.2823"));
+        assert!(is_modern("23.8.2.7"));
+        assert!(is_modern("26.9.1.1"));
+        assert!(!is_modern("garbage"));
+    }
+
+    #[test]
+    fn only_modern_ddl_has_codecs_ttl_and_indexes() {
+        let legacy = all_statements(&Ddl {
+            database: "d".into(),
+            modern: false,
+            retention_days: 7,
+        })
+        .join("\n");
+        let modern = all_statements(&Ddl {
+            database: "d".into(),
+            modern: true,
+            retention_days: 7,
+        })
+        .join("\n");
+        for word in ["CODEC", "TTL", "INDEX", "bloom_filter"] {
+            assert!(!legacy.contains(word), "{word} in 18.16 DDL");
+            assert!(modern.contains(word), "{word} missing from modern DDL");
+        }
+        assert!(modern.contains("INTERVAL 7 DAY"));
+    }
+}

@@ -1,0 +1,97 @@
+//! The one latency-histogram layout of Sightline.
+//!
+//! `hdrhistogram` with a microsecond unit and 2 significant digits: about 1% relative error
+//! from 1 µs to 1 hour. On the wire and in ClickHouse a histogram is sparse (bucket value,
+//! count) pairs, where the bucket value is the highest value equivalent to everything the
+//! bucket holds. Histograms therefore merge by adding counts per bucket value, which is what
+//! ClickHouse's SummingMergeTree and `sumMap` do, so per-minute histograms roll up exactly.
+
+use hdrhistogram::Histogram;
+
+/// Smallest trackable latency, in microseconds.
+pub const LOWEST_MICROS: u64 = 1;
+/// Largest trackable latency (one hour), in microseconds. Larger values are clamped.
+pub const HIGHEST_MICROS: u64 = 3_600_000_000;
+/// Significant decimal digits kept per value.
+pub const SIGNIFICANT_DIGITS: u8 = 2;
+
+/// A fresh, empty histogram in the shared layout.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(LOWEST_MICROS, HIGHEST_MICROS, SIGNIFICANT_DIGITS)
+        .expect("the shared layout's bounds are valid")
+}
+
+/// The bucket value a latency falls into: what is stored and sent for it.
+pub fn bucket_of(micros: u64) -> u64 {
+    LAYOUT.with(|h| h.highest_equivalent(clamp(micros)))
+}
+
+thread_local! {
+    // highest_equivalent only reads the layout, so one empty histogram per thread serves.
+    static LAYOUT: Histogram<u64> = new_histogram();
+}
+
+fn clamp(micros: u64) -> u64 {
+    micros.clamp(LOWEST_MICROS, HIGHEST_MICROS)
+}
+
+/// Records one latency, clamped into the layout's range.
+pub fn record(hist: &mut Histogram<u64>, micros: u64) {
+    hist.saturating_record(clamp(micros));
+}
+
+/// The sparse (bucket value, count) pairs of a histogram, ascending by bucket.
+pub fn to_sparse(hist: &Histogram<u64>) -> Vec<(u64, u64)> {
+    hist.iter_recorded()
+        .map(|v| (hist.highest_equivalent(v.value_iterated_to()), v.count_at_value()))
+        .collect()
+}
+
+/// Rebuilds a histogram from sparse pairs (as read back with `sumMap`).
+pub fn from_sparse(pairs: impl IntoIterator<Item = (u64, u64)>) -> Histogram<u64> {
+    let mut hist = new_histogram();
+    for (bucket, count) in pairs {
+        // saturating: counts from storage may exceed what one histogram can hold in theory.
+        let _ = hist.record_n(clamp(bucket), count);
+    }
+    hist
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_round_trip_keeps_quantiles_within_one_percent() {
+        let mut hist = new_histogram();
+        for micros in 1..=100_000u64 {
+            record(&mut hist, micros * 7);
+        }
+        let back = from_sparse(to_sparse(&hist));
+        assert_eq!(back.len(), hist.len());
+        for q in [0.5, 0.9, 0.99] {
+            let exact = (q * 100_000.0) * 7.0;
+            let read = back.value_at_quantile(q) as f64;
+            assert!((read - exact).abs() / exact < 0.01, "q{q}: {read} vs {exact}");
+        }
+    }
+
+    #[test]
+    fn merging_by_bucket_addition_equals_recording_together() {
+        let (mut a, mut b, mut both) = (new_histogram(), new_histogram(), new_histogram());
+        for v in [3u64, 150, 150, 9_999, 1_234_567] {
+            record(&mut a, v);
+            record(&mut both, v);
+        }
+        for v in [150u64, 42, 7_000_000_000] {
+            record(&mut b, v);
+            record(&mut both, v);
+        }
+        let mut summed = std::collections::BTreeMap::new();
+        for (bucket, count) in to_sparse(&a).into_iter().chain(to_sparse(&b)) {
+            *summed.entry(bucket).or_insert(0) += count;
+        }
+        assert_eq!(summed.into_iter().collect::<Vec<_>>(), to_sparse(&both));
+        assert_eq!(bucket_of(7_000_000_000), bucket_of(HIGHEST_MICROS));
+    }
+}

@@ -1,0 +1,80 @@
+//! Helpers for Sightline's end-to-end tests: a real HTTP client, waiting for data to appear,
+//! reading Prometheus metrics, and the Python interpreter that runs the OpenTelemetry SDK.
+
+use std::{future::Future, path::PathBuf, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+pub use sightline_collector::testing;
+
+/// The response of one HTTP request.
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+pub async fn request(method: &str, url: &str, content_type: Option<&str>, body: Vec<u8>) -> HttpResponse {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut builder = http::Request::builder().method(method).uri(url);
+    if let Some(ct) = content_type {
+        builder = builder.header(http::header::CONTENT_TYPE, ct);
+    }
+    let response = client
+        .request(builder.body(Full::new(Bytes::from(body))).expect("valid request"))
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    HttpResponse { status, headers, body }
+}
+
+pub async fn get(url: &str) -> HttpResponse {
+    request("GET", url, None, vec![]).await
+}
+
+/// Calls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of one sample in Prometheus text, e.g.
+/// `sightline_rejected_spans_total{reason="invalid_trace_id"}`; 0 when absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().expect("numeric sample"))
+}
+
+/// The interpreter with the test requirements (tests/python/requirements.txt) installed.
+pub fn python() -> String {
+    std::env::var("SIGHTLINE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// A file under tests/python.
+pub fn python_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python").join(name)
+}
