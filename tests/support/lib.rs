@@ -78,3 +78,66 @@ pub fn python() -> String {
 pub fn python_script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python").join(name)
 }
+
+/// Building OTLP requests by hand, for inputs an SDK would never send.
+pub mod otlp {
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::ExportTraceServiceRequest,
+        common::v1::{any_value::Value, AnyValue, KeyValue},
+        resource::v1::Resource,
+        trace::v1::{span::SpanKind, ResourceSpans, ScopeSpans, Span},
+    };
+
+    pub fn now_ns() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }
+
+    pub fn kv(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(Value::StringValue(value.into())),
+            }),
+            ..KeyValue::default()
+        }
+    }
+
+    /// A random 16-byte trace id.
+    pub fn trace_id() -> Vec<u8> {
+        (0..16).map(|_| rand::random::<u8>()).collect()
+    }
+
+    /// A server span of `duration_ms` that started a second ago.
+    pub fn span(trace_id: &[u8], span_id: u64, name: &str, duration_ms: u64, attributes: Vec<KeyValue>) -> Span {
+        let start = now_ns() - 1_000_000_000;
+        Span {
+            trace_id: trace_id.to_vec(),
+            span_id: span_id.to_be_bytes().to_vec(),
+            name: name.into(),
+            kind: SpanKind::Server as i32,
+            start_time_unix_nano: start,
+            end_time_unix_nano: start + duration_ms * 1_000_000,
+            attributes,
+            ..Span::default()
+        }
+    }
+
+    pub fn request(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv("service.name", service)],
+                    ..Resource::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..ScopeSpans::default()
+                }],
+                ..ResourceSpans::default()
+            }],
+        }
+    }
+}

@@ -28,7 +28,7 @@ use tonic::{
 use crate::pipeline::{IngestError, Pipeline};
 
 const RECEIVER: &str = "otlp_grpc";
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+pub const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// The TraceService, ready to be added to a tonic `Server`.
 #[derive(Clone)]
@@ -138,9 +138,10 @@ impl UnaryService<Bytes> for ExportHandler {
     }
 }
 
-/// Hands message bytes through untouched; decoding happens in the handler.
-#[derive(Clone, Copy, Default)]
-struct PassThrough;
+/// A tonic codec that hands message bytes through untouched: the receiver decodes in its
+/// handler, and test clients use it to send bytes that are not a valid message.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PassThrough;
 
 impl Codec for PassThrough {
     type Encode = Bytes;
