@@ -179,6 +179,13 @@ impl Config {
         if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             anyhow::bail!("clickhouse.database must be letters, digits and '_', got {db:?}");
         }
+        // DateTime ends in 2106: a longer TTL would wrap around and expire rows at once.
+        if !(1..=3650).contains(&self.clickhouse.retention_days) {
+            anyhow::bail!(
+                "clickhouse.retention_days must be 1..=3650, got {}",
+                self.clickhouse.retention_days
+            );
+        }
         if self.writer.inserters == 0 || self.writer.batch_rows == 0 {
             anyhow::bail!("writer.inserters and writer.batch_rows must be at least 1");
         }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use clickhouse::{Client, Row};
+use clickhouse::{query::Query, Client, Row};
 use serde::{Deserialize, Serialize};
 
 /// The API's time window: [from, to) in Unix microseconds.
@@ -203,47 +203,12 @@ impl Queries {
     }
 
     pub async fn search(&self, window: Window, filter: &TraceFilter) -> clickhouse::error::Result<Vec<TraceSummary>> {
-        let mut filters = String::new();
-        if filter.service.is_some() {
-            filters.push_str(" AND service = ?");
-        }
-        if filter.bt.is_some() {
-            filters.push_str(" AND bt = ?");
-        }
-        if filter.min_duration_us.is_some() {
-            filters.push_str(" AND duration_us >= ?");
-        }
-        match filter.error {
-            Some(true) => filters.push_str(" AND status = 'error'"),
-            Some(false) => filters.push_str(" AND status != 'error'"),
-            None => {}
-        }
-        let mut query = self
-            .client
-            .query(&SEARCH_SQL.replace("{filters}", &filters))
-            .bind(window.from_us)
-            .bind(window.to_us);
-        if let Some(service) = &filter.service {
-            query = query.bind(service);
-        }
-        if let Some(bt) = &filter.bt {
-            query = query.bind(bt);
-        }
-        if let Some(min) = filter.min_duration_us {
-            query = query.bind(min);
-        }
-        query.bind(filter.limit).fetch_all().await
+        self.search_query(window, filter).fetch_all().await
     }
 
     /// Services seen in the window, with every version's first and last minute ever seen.
     pub async fn services(&self, window: Window) -> clickhouse::error::Result<Vec<ServiceView>> {
-        let records: Vec<InstanceRecord> = self
-            .client
-            .query(SERVICES_SQL)
-            .bind(window.from_us / 1_000_000)
-            .bind(window.to_us.div_ceil(1_000_000))
-            .fetch_all()
-            .await?;
+        let records: Vec<InstanceRecord> = self.services_query(window).fetch_all().await?;
         let mut services: Vec<ServiceView> = Vec::new();
         for r in records {
             if services.last().is_none_or(|s| s.name != r.service) {
@@ -284,6 +249,65 @@ impl Queries {
 
     pub async fn ping(&self) -> clickhouse::error::Result<()> {
         self.client.query("SELECT 1").execute().await
+    }
+
+    // The statements, built apart from running them so they can be checked on other servers
+    // (tests run each on a current ClickHouse, see tests/modern_clickhouse.rs).
+
+    pub fn trace_index_query(&self, trace_id_hex: &str) -> Query {
+        self.client.query(TRACE_INDEX_SQL).bind(trace_id_hex)
+    }
+
+    pub fn trace_spans_query(&self, trace_id_hex: &str, services: &[String], from_us: u64, to_us: u64) -> Query {
+        let placeholders = vec!["?"; services.len().max(1)].join(", ");
+        let mut query = self.client.query(&TRACE_SPANS_SQL.replace("{services}", &placeholders));
+        for service in services {
+            query = query.bind(service);
+        }
+        if services.is_empty() {
+            query = query.bind("");
+        }
+        query.bind(from_us).bind(to_us).bind(trace_id_hex).bind(MAX_TRACE_SPANS)
+    }
+
+    pub fn search_query(&self, window: Window, filter: &TraceFilter) -> Query {
+        let mut filters = String::new();
+        if filter.service.is_some() {
+            filters.push_str(" AND service = ?");
+        }
+        if filter.bt.is_some() {
+            filters.push_str(" AND bt = ?");
+        }
+        if filter.min_duration_us.is_some() {
+            filters.push_str(" AND duration_us >= ?");
+        }
+        match filter.error {
+            Some(true) => filters.push_str(" AND status = 'error'"),
+            Some(false) => filters.push_str(" AND status != 'error'"),
+            None => {}
+        }
+        let mut query = self
+            .client
+            .query(&SEARCH_SQL.replace("{filters}", &filters))
+            .bind(window.from_us)
+            .bind(window.to_us);
+        if let Some(service) = &filter.service {
+            query = query.bind(service);
+        }
+        if let Some(bt) = &filter.bt {
+            query = query.bind(bt);
+        }
+        if let Some(min) = filter.min_duration_us {
+            query = query.bind(min);
+        }
+        query.bind(filter.limit)
+    }
+
+    pub fn services_query(&self, window: Window) -> Query {
+        self.client
+            .query(SERVICES_SQL)
+            .bind(window.from_us / 1_000_000)
+            .bind(window.to_us.div_ceil(1_000_000))
     }
 }
 

@@ -1,0 +1,67 @@
+//! The modern-server DDL (codecs, TTL, skip indexes) and every read query run on a current
+//! ClickHouse (chdb-core, in-process) and give the expected rows, so users on 23.8+ are not
+//! trusting SQL that was only ever run on 18.16.
+
+use std::process::Command;
+
+use serde_json::json;
+use sightline_collector::{
+    query::{Queries, TraceFilter, Window},
+    store::schema::{all_statements, Ddl},
+};
+use sightline_tests::{python, python_script};
+
+#[test]
+fn modern_ddl_and_read_queries_run_on_current_clickhouse() {
+    let database = "sightline";
+    let ddl = all_statements(&Ddl {
+        database: database.into(),
+        modern: true,
+        retention_days: 10_000,
+    });
+    let queries = Queries::new(clickhouse::Client::default());
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    // The sample spans start at 1_700_000_000 s (see chdb_check.py).
+    let window = Window {
+        from_us: 1_699_999_000_000_000,
+        to_us: 1_700_001_000_000_000,
+    };
+    let filter = |service: Option<&str>, min_ms: Option<u64>, error: Option<bool>| TraceFilter {
+        service: service.map(Into::into),
+        bt: Some("Login".into()),
+        min_duration_us: min_ms.map(|ms| ms * 1000),
+        error,
+        limit: 20,
+    };
+    let sql = |q: clickhouse::query::Query| q.sql_display().to_string();
+    let spec = json!({
+        "database": database,
+        "ddl": ddl,
+        "queries": {
+            "trace_index": { "sql": sql(queries.trace_index_query(trace)), "rows": 1 },
+            "trace_spans": {
+                "sql": sql(queries.trace_spans_query(trace, &["auth".into(), "web".into()], 1_700_000_000_000_000, 1_700_000_000_120_000)),
+                "rows": 2,
+            },
+            "search": { "sql": sql(queries.search_query(window, &filter(Some("auth"), Some(100), None))), "rows": 1 },
+            "search_errors": { "sql": sql(queries.search_query(window, &filter(None, None, Some(true)))), "rows": 1 },
+            "search_none": { "sql": sql(queries.search_query(window, &filter(Some("auth' OR 1=1 --"), None, None))), "rows": 0 },
+            "services": { "sql": sql(queries.services_query(window)), "rows": 1 },
+        },
+    });
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    let output = Command::new(python())
+        .arg(python_script("chdb_check.py"))
+        .arg(file.path())
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "chdb check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("all statements ran on"), "{stdout}");
+    println!("{stdout}");
+}

@@ -1,0 +1,56 @@
+"""Runs Sightline's modern-server DDL and read queries on chdb (in-process current ClickHouse).
+
+Input: a JSON file {"ddl": [...], "database": "...", "queries": {name: {"sql": ..., "rows": N}}}.
+Inserts two spans of one trace through spans_input (so the materialized views run), a latency
+row twice (so SummingMergeTree has something to sum), then runs each query and checks its row
+count. Exits non-zero with the failing statement on any error.
+"""
+
+import json
+import sys
+
+from chdb import session
+
+spec = json.load(open(sys.argv[1]))
+s = session.Session()
+
+
+def run(sql, fmt="JSONEachRow"):
+    try:
+        return s.query(sql, fmt)
+    except Exception as e:  # noqa: BLE001 - report which statement failed
+        sys.exit(f"FAILED: {e}\n--- statement ---\n{sql}")
+
+
+print("server", str(run("SELECT version()", "CSV")).strip())
+run(f"CREATE DATABASE IF NOT EXISTS {spec['database']}")
+for statement in spec["ddl"]:
+    run(statement)
+run(f"USE {spec['database']}")
+
+trace = "0af7651916cd43dd8448eb211c80319c"
+run(f"""INSERT INTO spans_input VALUES
+  (unhex('{trace}'), 1, 0, 'auth', '1.4.2', 'auth-1', 'POST /login', 2, 'http', '', 'Login',
+   1700000000000000, 120000, 1, '', '', ['http.route'], ['/login']),
+  (unhex('{trace}'), 2, 1, 'auth', '1.4.2', 'auth-1', 'SELECT users', 3, 'db', 'postgresql:users', 'Login',
+   1700000000010000, 90000, 2, 'Timeout', 'lock wait', ['db.system'], ['postgresql'])""")
+for _ in range(2):
+    run("""INSERT INTO latency_1m (minute, service, service_version, bt, operation, kind, status,
+             calls, errors, duration_us_sum, `histMap.bucket`, `histMap.count`)
+           VALUES (toDateTime(1700000000), 'auth', '1.4.2', 'Login', 'POST /login', 'server', 'ok',
+                   2, 0, 240000, [119807, 120831], [1, 1])""")
+run("OPTIMIZE TABLE latency_1m FINAL")
+merged = json.loads(str(run("SELECT sum(calls) AS calls, sumMap(`histMap.bucket`, `histMap.count`) AS hist FROM latency_1m")).strip())
+if int(merged["calls"]) != 4 or [int(c) for c in merged["hist"][1]] != [2, 2]:
+    sys.exit(f"FAILED: latency_1m did not sum: {merged}")
+
+failures = []
+for name, query in spec["queries"].items():
+    out = str(run(query["sql"])).strip()
+    rows = [json.loads(line) for line in out.splitlines() if line]
+    print(f"{name}: {len(rows)} rows {rows[:1]}")
+    if len(rows) != query["rows"]:
+        failures.append(f"{name}: expected {query['rows']} rows, got {len(rows)}\n{query['sql']}")
+if failures:
+    sys.exit("FAILED:\n" + "\n".join(failures))
+print("all statements ran on", str(run("SELECT version()", "CSV")).strip())
