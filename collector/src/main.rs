@@ -6,6 +6,11 @@ use clap::{Parser, Subcommand};
 use sightline_collector::{Collector, Config};
 use tracing_subscriber::EnvFilter;
 
+// Decoding OTLP allocates a few dozen small strings a span; glibc's allocator spent half the
+// collector's CPU on them (benches/README.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sightline: application performance monitoring built around business transactions.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]

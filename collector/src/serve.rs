@@ -5,8 +5,9 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::{
@@ -68,16 +69,14 @@ impl Collector {
 
         let (stop, stopped) = watch::channel(false);
         let mut servers = JoinSet::new();
+        // Without TCP_NODELAY a large export waits on delayed ACKs (40 ms a request).
+        let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc = tonic::transport::Server::builder().add_service(OtlpTraceService::new(pipeline.clone()));
-        servers.spawn(async move {
-            Ok(grpc
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal(stopped))
-                .await?)
-        });
+        servers.spawn(async move { Ok(grpc.serve_with_incoming_shutdown(incoming, signal(stopped)).await?) });
         let http_app = otlp_http::router(pipeline);
         let stopped = stop.subscribe();
         servers.spawn(async move {
-            Ok(axum::serve(http_listener, http_app)
+            Ok(axum::serve(http_listener.tap_io(nodelay), http_app)
                 .with_graceful_shutdown(signal(stopped))
                 .await?)
         });
@@ -87,7 +86,7 @@ impl Collector {
         });
         let stopped = stop.subscribe();
         servers.spawn(async move {
-            Ok(axum::serve(api_listener, api_app)
+            Ok(axum::serve(api_listener.tap_io(nodelay), api_app)
                 .with_graceful_shutdown(signal(stopped))
                 .await?)
         });
@@ -146,6 +145,10 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for {what} on {addr} (is another collector running?)"))
+}
+
+fn nodelay(stream: &mut tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
 }
 
 async fn signal(mut stopped: watch::Receiver<bool>) {

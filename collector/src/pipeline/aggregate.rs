@@ -3,7 +3,9 @@
 //! traces are sampled. Partials from each request are merged in the writer and again by
 //! ClickHouse's SummingMergeTree.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 
 use sightline_proto::histogram;
 
@@ -43,31 +45,52 @@ impl LatencyValue {
 
 #[derive(Debug, Default)]
 pub struct LatencyAggregates {
-    entries: HashMap<LatencyKey, LatencyValue>,
+    entries: FxHashMap<LatencyKey, LatencyValue>,
 }
 
 impl LatencyAggregates {
-    /// Aggregates a batch of spans.
+    /// Aggregates a batch of spans. Keys borrow from the spans while counting and are copied
+    /// once per distinct key at the end, not once per span.
     pub fn from_spans(spans: &[Span]) -> Self {
-        let mut aggregates = Self::default();
+        let mut borrowed: FxHashMap<(u32, &str, &str, &str, &str, SpanKind, SpanStatus), LatencyValue> =
+            FxHashMap::default();
         for span in spans {
             let micros = span.duration_ns.div_ceil(1000);
-            let key = LatencyKey {
-                minute: ((span.start_ns / 1_000_000_000) / 60 * 60) as u32,
-                service: span.service.clone(),
-                service_version: span.service_version.clone(),
-                bt: span.bt.clone(),
-                operation: span.operation.clone(),
-                kind: span.kind,
-                status: span.status,
-            };
-            let value = aggregates.entries.entry(key).or_default();
+            let minute = ((span.start_ns / 1_000_000_000) / 60 * 60) as u32;
+            let value = borrowed
+                .entry((
+                    minute,
+                    &span.service,
+                    &span.service_version,
+                    &span.bt,
+                    &span.operation,
+                    span.kind,
+                    span.status,
+                ))
+                .or_default();
             value.calls += 1;
             value.errors += u64::from(span.status == SpanStatus::Error);
             value.duration_us_sum += micros;
             *value.histogram.entry(histogram::bucket_of(micros)).or_insert(0) += 1;
         }
-        aggregates
+        let entries = borrowed
+            .into_iter()
+            .map(
+                |((minute, service, service_version, bt, operation, kind, status), value)| {
+                    let key = LatencyKey {
+                        minute,
+                        service: service.to_string(),
+                        service_version: service_version.to_string(),
+                        bt: bt.to_string(),
+                        operation: operation.to_string(),
+                        kind,
+                        status,
+                    };
+                    (key, value)
+                },
+            )
+            .collect();
+        Self { entries }
     }
 
     pub fn add(&mut self, key: LatencyKey, value: LatencyValue) {

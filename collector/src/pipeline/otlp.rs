@@ -181,7 +181,7 @@ fn convert_span(
             truncated += 1;
             break;
         }
-        let value = any_value_string(kv.value.as_ref());
+        let value = into_string(kv.value);
         let key = kv.key;
         attributes.push((
             bound(key, limits.max_name_bytes, &mut truncated),
@@ -312,6 +312,17 @@ fn bound(mut s: String, max: usize, truncated: &mut u64) -> String {
         *truncated += 1;
     }
     s
+}
+
+/// Like [`any_value_string`], moving a string value out instead of copying it.
+fn into_string(value: Option<AnyValue>) -> String {
+    match value.and_then(|v| v.value) {
+        Some(Value::StringValue(s)) => s,
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        None => String::new(),
+        Some(other) => any_value_json(&other).to_string(),
+    }
 }
 
 /// An attribute value as text: strings as they are, scalars printed, arrays and maps as JSON.

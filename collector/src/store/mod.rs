@@ -6,18 +6,65 @@ pub mod rows;
 pub mod schema;
 pub mod writer;
 
-use clickhouse::Client;
+use clickhouse::{Client, Compression};
 
 use crate::config::ClickHouseConfig;
 
 /// A client for `url` and `database`, set up for every server generation Sightline supports:
 /// no schema validation (18.16 does not know the setting and format it needs) and values bound
-/// client-side with `?`.
+/// client-side with `?`. Inserts are LZ4-compressed only when the server is remote: on
+/// loopback compression costs both sides CPU and saves nothing.
 pub fn client(url: &str, database: &str, config: &ClickHouseConfig) -> Client {
+    let compression = if is_loopback(url) {
+        Compression::None
+    } else {
+        Compression::Lz4
+    };
     Client::default()
+        .with_compression(compression)
         .with_url(url)
         .with_database(database)
         .with_user(&config.user)
         .with_password(&config.password)
         .with_validation(false)
+}
+
+fn is_loopback(url: &str) -> bool {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split(['/', '@'])
+        .find(|p| !p.is_empty())
+        .unwrap_or("");
+    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    host == "localhost" || host == "[::1]" || host.starts_with("127.")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_urls() {
+        for url in [
+            "http://127.0.0.1:8123",
+            "http://localhost:8123/",
+            "http://[::1]:8123",
+            "http://127.0.0.5",
+        ] {
+            assert!(super::is_loopback(url), "{url}");
+        }
+        for url in [
+            "http://clickhouse:8123",
+            "https://ch.example.com",
+            "http://10.0.0.1:8123",
+        ] {
+            assert!(!super::is_loopback(url), "{url}");
+        }
+    }
 }
