@@ -95,7 +95,8 @@ fn int_kv(key: &str, value: i64) -> KeyValue {
 /// attributes each.
 fn trace(rng: &mut StdRng, now_ns: u64) -> Vec<(usize, Span)> {
     let trace_id: [u8; 16] = rng.random();
-    let start = now_ns - rng.random_range(0..600_000_000_000u64);
+    // Spans reach a collector seconds after they end.
+    let start = now_ns - rng.random_range(100_000_000..5_000_000_000u64);
     let route = ROUTES[rng.random_range(0..ROUTES.len())];
     let entry_service = rng.random_range(0..SERVICES.len());
     let user = format!("user-{}", rng.random_range(0..100_000u32));
@@ -262,6 +263,82 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+const CHUNK: usize = 50_000;
+
+/// Inserts the collector's rows, exported as RowBinary in `order`, into a fresh copy of the
+/// schema in `database` from two concurrent INSERTs. Returns (rows/s, ClickHouse CPU seconds,
+/// seconds).
+async fn floor(
+    admin: &Client,
+    ingest: &Client,
+    database: &str,
+    columns: &str,
+    order: &str,
+    rows: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    sightline_collector::store::schema::migrate(admin, database, 30).await?;
+    let mut chunks = Vec::new();
+    for offset in (0..rows).step_by(CHUNK) {
+        let mut cursor = ingest
+            .query(&format!(
+                "SELECT {columns} FROM spans ORDER BY {order} LIMIT {CHUNK} OFFSET {offset}"
+            ))
+            .fetch_bytes("RowBinary")?;
+        chunks.push(cursor.collect().await?);
+    }
+    let chunks = Arc::new(chunks);
+    // Each timed phase starts on a quiet server: no merges left over from the one before.
+    settle(admin).await?;
+    let ch_pid = CH_PID.load(Ordering::Relaxed) as u32;
+    let ch_cpu = cpu_seconds(ch_pid);
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    for _ in 0..2 {
+        let (chunks, next, client) = (chunks.clone(), next.clone(), admin.clone());
+        let sql = format!("INSERT INTO {database}.spans_input FORMAT RowBinary");
+        senders.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(chunk) = chunks.get(i) else {
+                    return Ok::<_, anyhow::Error>(());
+                };
+                let mut insert = client.insert_formatted_with(sql.clone());
+                insert.send(chunk.clone()).await?;
+                insert.end().await?;
+            }
+        }));
+    }
+    for sender in senders {
+        sender.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(ch_pid) - ch_cpu;
+    let inserted = count(admin, &format!("{database}.spans")).await?;
+    if inserted != rows as u64 {
+        bail!("{database} got {inserted} rows, expected {rows}");
+    }
+    Ok((rows as f64 / secs, cpu, secs))
+}
+
+static CH_PID: AtomicU64 = AtomicU64::new(0);
+
+/// Waits until ClickHouse runs no merge (at most a minute).
+async fn settle(client: &Client) -> anyhow::Result<()> {
+    for _ in 0..600 {
+        if client
+            .query("SELECT count() FROM system.merges")
+            .fetch_one::<u64>()
+            .await?
+            == 0
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 async fn count(client: &Client, table: &str) -> anyhow::Result<u64> {
     Ok(client
         .query(&format!("SELECT count() FROM {table}"))
@@ -270,12 +347,16 @@ async fn count(client: &Client, table: &str) -> anyhow::Result<u64> {
 }
 
 async fn http_get(url: &str) -> anyhow::Result<u16> {
+    Ok(http_get_body(url).await?.0)
+}
+
+async fn http_get_body(url: &str) -> anyhow::Result<(u16, String)> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<Bytes>>();
     let response = client.get(url.parse()?).await?;
     let status = response.status().as_u16();
-    http_body_util::BodyExt::collect(response.into_body()).await?;
-    Ok(status)
+    let body = http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 struct Collector(Child);
@@ -293,6 +374,7 @@ async fn main() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let server = ClickHouseServer::start(&data.path().join("clickhouse"), "")?;
     let ch_pid = server.pid().context("ClickHouse pid")?;
+    CH_PID.store(u64::from(ch_pid), Ordering::Relaxed);
     let admin = sightline_collector::store::client(&server.url(), "default", &Default::default());
 
     let binary: PathBuf = std::env::current_exe()?.with_file_name("sightline");
@@ -377,51 +459,30 @@ async fn main() -> anyhow::Result<()> {
     let collector_cpu = cpu_seconds(collector.0.id()) - cpu0;
     let ch_cpu_collector = cpu_seconds(ch_pid) - ch_cpu0;
     let collector_rate = args.spans as f64 / collector_secs;
+    let (_, metrics) = http_get_body(&format!("http://127.0.0.1:{api}/metrics")).await?;
+    let latency_rows = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sightline_written_rows_total{table=\"latency_1m\"} "))
+        .unwrap_or("0")
+        .to_string();
 
     // --- Floor: the same rows as RowBinary, straight into a fresh copy of the schema.
-    sightline_collector::store::schema::migrate(&admin, "floor", 30).await?;
-    const CHUNK: usize = 50_000;
     let columns = "trace_id, span_id, parent_span_id, service, service_version, instance, operation, toInt8(kind), \
                    component, peer, bt, start_us, duration_us, toInt8(status), error_type, error_message, \
                    attributes.key, attributes.value";
-    let mut chunks = Vec::new();
-    for offset in (0..args.spans).step_by(CHUNK) {
-        let mut cursor = ingest
-            .query(&format!(
-                "SELECT {columns} FROM spans ORDER BY service, start_us LIMIT {CHUNK} OFFSET {offset}"
-            ))
-            .fetch_bytes("RowBinary")?;
-        chunks.push(cursor.collect().await?);
-    }
-    let chunks = Arc::new(chunks);
-    let ch_cpu1 = cpu_seconds(ch_pid);
-    let started = Instant::now();
-    let next = Arc::new(AtomicU64::new(0));
-    let mut senders = Vec::new();
-    for _ in 0..2 {
-        let (chunks, next, client) = (chunks.clone(), next.clone(), admin.clone());
-        senders.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some(chunk) = chunks.get(i) else {
-                    return Ok::<_, anyhow::Error>(());
-                };
-                let mut insert = client.insert_formatted_with("INSERT INTO floor.spans_input FORMAT RowBinary");
-                insert.send(chunk.clone()).await?;
-                insert.end().await?;
-            }
-        }));
-    }
-    for sender in senders {
-        sender.await??;
-    }
-    let floor_secs = started.elapsed().as_secs_f64();
-    let ch_cpu_floor = cpu_seconds(ch_pid) - ch_cpu1;
-    let floor_rows = count(&admin, "floor.spans").await?;
-    if floor_rows != args.spans as u64 {
-        bail!("floor inserted {floor_rows} rows, expected {}", args.spans);
-    }
-    let floor_rate = args.spans as f64 / floor_secs;
+    // Two floors over the same rows: in arrival (random) order, as spans reach a collector, and
+    // already in the table's key order, which ClickHouse sorts far faster on INSERT.
+    let random_floor = floor(&admin, &ingest, "floor", columns, "cityHash64(span_id)", args.spans).await?;
+    let sorted_floor = floor(
+        &admin,
+        &ingest,
+        "floor_sorted",
+        columns,
+        "service, start_us",
+        args.spans,
+    )
+    .await?;
+    let (floor_rate, ch_cpu_floor, floor_secs) = random_floor;
 
     // --- Grow to total_spans with new trace ids (last id byte set per round), each round an
     // hour earlier, then compact.
@@ -445,27 +506,69 @@ async fn main() -> anyhow::Result<()> {
             .await?;
     }
     let total_rows = count(&ingest, "spans").await?;
+    // 18.16's OPTIMIZE ... FINAL without PARTITION does not merge every partition, and it
+    // silently does nothing while a background merge holds the parts: go partition by
+    // partition, and repeat until each is one part.
     let started = Instant::now();
     for table in ["spans", "trace_index"] {
-        admin
-            .query(&format!("OPTIMIZE TABLE ingest.{table} FINAL"))
-            .execute()
-            .await?;
+        for _attempt in 0..60 {
+            #[derive(clickhouse::Row, serde::Deserialize)]
+            struct Partition {
+                id: String,
+                parts: u64,
+            }
+            let partitions: Vec<Partition> = admin
+                .query(
+                    "SELECT partition_id AS id, count() AS parts FROM system.parts \
+                     WHERE database = 'ingest' AND table = ? AND active GROUP BY id",
+                )
+                .bind(table)
+                .fetch_all()
+                .await?;
+            if partitions.iter().all(|p| p.parts == 1) {
+                break;
+            }
+            for partition in partitions.into_iter().filter(|p| p.parts > 1) {
+                admin
+                    .query(&format!("OPTIMIZE TABLE ingest.{table} PARTITION ID ? FINAL"))
+                    .bind(partition.id)
+                    .execute()
+                    .await?;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
     let optimize_secs = started.elapsed().as_secs_f64();
     #[derive(clickhouse::Row, serde::Deserialize)]
     struct Parts {
         bytes: u64,
         rows: u64,
+        parts: u64,
     }
     let parts: Parts = admin
-        .query("SELECT sum(data_compressed_bytes) AS bytes, sum(rows) AS rows FROM system.parts WHERE database = 'ingest' AND table = 'spans' AND active")
+        .query("SELECT sum(data_compressed_bytes) AS bytes, sum(rows) AS rows, count() AS parts FROM system.parts WHERE database = 'ingest' AND table = 'spans' AND active")
         .fetch_one()
         .await?;
     let index_parts: Parts = admin
-        .query("SELECT sum(data_compressed_bytes) AS bytes, sum(rows) AS rows FROM system.parts WHERE database = 'ingest' AND table = 'trace_index' AND active")
+        .query("SELECT sum(data_compressed_bytes) AS bytes, sum(rows) AS rows, count() AS parts FROM system.parts WHERE database = 'ingest' AND table = 'trace_index' AND active")
         .fetch_one()
         .await?;
+
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct ColumnBytes {
+        name: String,
+        bytes: u64,
+    }
+    let columns_bytes: Vec<ColumnBytes> = admin
+        .query("SELECT name, data_compressed_bytes AS bytes FROM system.columns WHERE database = 'ingest' AND table = 'spans' ORDER BY bytes DESC")
+        .fetch_all()
+        .await?;
+    let per_column = columns_bytes
+        .iter()
+        .take(8)
+        .map(|c| format!("{} {:.1}", c.name, c.bytes as f64 / parts.rows.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ");
 
     // --- Trace by id through the API, on total_rows spans.
     let ids: Vec<String> = admin
@@ -505,15 +608,29 @@ async fn main() -> anyhow::Result<()> {
         args.spans as f64 / collector_cpu,
         ch_cpu_collector / collector_secs
     );
-    println!("  floor RowBinary straight into the schema (2 concurrent INSERTs): {:.0} rows/s ({:.2} s; ClickHouse CPU {:.2} cores)", floor_rate, floor_secs, ch_cpu_floor / floor_secs);
-    println!("  ratio collector / floor: {:.2}", collector_rate / floor_rate);
+    println!("  floor: the same rows as RowBinary straight into the schema, arrival order (2 concurrent INSERTs): {:.0} rows/s ({:.2} s; ClickHouse CPU {:.2} cores)", floor_rate, floor_secs, ch_cpu_floor / floor_secs);
+    println!("    latency_1m rows written alongside: {latency_rows}");
     println!(
-        "  storage after OPTIMIZE FINAL ({:.1} s) on {} spans: {:.1} B/span in spans, {:.1} B/span in trace_index",
+        "  floor with the rows pre-sorted by (service, start): {:.0} rows/s ({:.2} s; ClickHouse CPU {:.2} cores)",
+        sorted_floor.0,
+        sorted_floor.2,
+        sorted_floor.1 / sorted_floor.2
+    );
+    println!(
+        "  ratio collector / floor: {:.2} (arrival order), {:.2} (pre-sorted)",
+        collector_rate / floor_rate,
+        collector_rate / sorted_floor.0
+    );
+    println!(
+        "  storage after OPTIMIZE FINAL per partition ({:.1} s) on {} spans: {:.1} B/span in spans ({} parts), {:.1} B/span in trace_index ({} parts)",
         optimize_secs,
         total_rows,
         parts.bytes as f64 / parts.rows.max(1) as f64,
-        index_parts.bytes as f64 / parts.rows.max(1) as f64
+        parts.parts,
+        index_parts.bytes as f64 / parts.rows.max(1) as f64,
+        index_parts.parts
     );
+    println!("    B/span by column: {per_column}");
     println!(
         "  trace by id via /api/v1/traces/{{id}} on {} spans, {} lookups: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms",
         total_rows,

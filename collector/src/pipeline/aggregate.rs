@@ -43,6 +43,9 @@ impl LatencyValue {
     }
 }
 
+/// A [`LatencyKey`] borrowing its strings from the spans being counted.
+type BorrowedKey<'a> = (u32, &'a str, &'a str, &'a str, &'a str, SpanKind, SpanStatus);
+
 #[derive(Debug, Default)]
 pub struct LatencyAggregates {
     entries: FxHashMap<LatencyKey, LatencyValue>,
@@ -52,8 +55,7 @@ impl LatencyAggregates {
     /// Aggregates a batch of spans. Keys borrow from the spans while counting and are copied
     /// once per distinct key at the end, not once per span.
     pub fn from_spans(spans: &[Span]) -> Self {
-        let mut borrowed: FxHashMap<(u32, &str, &str, &str, &str, SpanKind, SpanStatus), LatencyValue> =
-            FxHashMap::default();
+        let mut borrowed: FxHashMap<BorrowedKey<'_>, LatencyValue> = FxHashMap::default();
         for span in spans {
             let micros = span.duration_ns.div_ceil(1000);
             let minute = ((span.start_ns / 1_000_000_000) / 60 * 60) as u32;
