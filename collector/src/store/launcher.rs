@@ -26,7 +26,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct ClickHouseServer {
     child: Option<Child>,
+    binary: PathBuf,
     http_port: u16,
+    tcp_port: u16,
     data_dir: PathBuf,
 }
 
@@ -52,7 +54,18 @@ impl ClickHouseServer {
     }
 
     fn start_once(binary: &Path, data_dir: &Path) -> anyhow::Result<Self> {
-        let (http_port, tcp_port) = (free_port()?, free_port()?);
+        Self::spawn(binary, data_dir, free_port()?, free_port()?)
+    }
+
+    /// Stops the server and starts it again on the same ports and data, as after a crash or
+    /// an upgrade: clients configured with [`Self::url`] find it again.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        *self = Self::spawn(&self.binary, &self.data_dir, self.http_port, self.tcp_port)?;
+        Ok(())
+    }
+
+    fn spawn(binary: &Path, data_dir: &Path, http_port: u16, tcp_port: u16) -> anyhow::Result<Self> {
         let config_path = data_dir.join("config.xml");
         std::fs::write(&config_path, server_config(data_dir, http_port, tcp_port))?;
         std::fs::write(data_dir.join("users.xml"), USERS_XML)?;
@@ -72,7 +85,9 @@ impl ClickHouseServer {
         let child = spawn_tied_to_process(command).with_context(|| format!("cannot run {}", binary.display()))?;
         let mut server = Self {
             child: Some(child),
+            binary: binary.to_path_buf(),
             http_port,
+            tcp_port,
             data_dir: data_dir.to_path_buf(),
         };
         server.wait_ready()?;
