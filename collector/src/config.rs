@@ -31,7 +31,8 @@ pub struct ClickHouseConfig {
     pub password: String,
     /// Explicit server binary for the private server; empty means search PATH.
     pub binary: String,
-    /// Days raw spans are kept (a TTL on modern servers).
+    /// Days spans, trace index and latency aggregates are kept: a TTL on modern servers,
+    /// day partitions dropped hourly on 18.16.
     pub retention_days: u32,
 }
 

@@ -17,7 +17,7 @@ use crate::{
     pipeline::Pipeline,
     query::Queries,
     receivers::{otlp_grpc::OtlpTraceService, otlp_http},
-    store::{self, launcher::ClickHouseServer, schema, writer},
+    store::{self, launcher::ClickHouseServer, retention, schema, writer},
 };
 
 /// A running collector. Dropping it without [`Collector::shutdown`] stops the servers abruptly.
@@ -31,6 +31,8 @@ pub struct Collector {
     stop: watch::Sender<bool>,
     servers: JoinSet<anyhow::Result<()>>,
     writer: JoinSet<()>,
+    /// Periodic store maintenance (retention on servers without TTL); aborted on shutdown.
+    background: JoinSet<()>,
     clickhouse: Option<ClickHouseServer>,
 }
 
@@ -53,6 +55,15 @@ impl Collector {
             .await
             .with_context(|| format!("cannot prepare database {database} on ClickHouse at {url}"))?;
         info!(version, database, "schema ready");
+
+        let mut background = JoinSet::new();
+        if !schema::is_modern(&version) {
+            background.spawn(retention::run(
+                client.clone(),
+                database.clone(),
+                config.clickhouse.retention_days,
+            ));
+        }
 
         let metrics = Arc::new(Metrics::new());
         let (writer_handle, writer_tasks) = writer::start(client.clone(), &config.writer, metrics.clone());
@@ -102,6 +113,7 @@ impl Collector {
             stop,
             servers,
             writer: writer_tasks,
+            background,
             clickhouse,
         })
     }
@@ -127,6 +139,7 @@ impl Collector {
     /// Stops accepting, writes everything received, then stops the private ClickHouse.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        self.background.shutdown().await;
         while let Some(result) = self.servers.join_next().await {
             if let Ok(Err(e)) = result {
                 warn!("server ended with error: {e:#}");

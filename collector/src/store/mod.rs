@@ -2,6 +2,7 @@
 //! way in. Reads go through `crate::query`.
 
 pub mod launcher;
+pub mod retention;
 pub mod rows;
 pub mod schema;
 pub mod writer;
