@@ -45,6 +45,8 @@ pub struct Metrics {
     /// Spans between receivers and ClickHouse (queued and batching).
     pub write_queue_spans: Gauge,
     pub insert_duration_seconds: Family<TableLabel, Histogram>,
+    /// Heartbeats received from native agents.
+    pub agent_heartbeats: Counter,
 }
 
 impl Metrics {
@@ -62,6 +64,7 @@ impl Metrics {
             insert_duration_seconds: Family::new_with_constructor(|| {
                 Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
             }),
+            agent_heartbeats: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -108,6 +111,11 @@ impl Metrics {
             "insert_duration_seconds",
             "Time per INSERT, by table",
             metrics.insert_duration_seconds.clone(),
+        );
+        registry.register(
+            "agent_heartbeats",
+            "Heartbeats from native agents",
+            metrics.agent_heartbeats.clone(),
         );
         Self { registry, ..metrics }
     }

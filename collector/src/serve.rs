@@ -16,7 +16,7 @@ use crate::{
     metrics::Metrics,
     pipeline::Pipeline,
     query::Queries,
-    receivers::{otlp_grpc::OtlpTraceService, otlp_http},
+    receivers::{native::NativeAgentService, otlp_grpc::OtlpTraceService, otlp_http},
     store::{self, launcher::ClickHouseServer, retention, schema, writer},
 };
 
@@ -82,7 +82,9 @@ impl Collector {
         let mut servers = JoinSet::new();
         // Without TCP_NODELAY a large export waits on delayed ACKs (40 ms a request).
         let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        let grpc = tonic::transport::Server::builder().add_service(OtlpTraceService::new(pipeline.clone()));
+        let grpc = tonic::transport::Server::builder()
+            .add_service(OtlpTraceService::new(pipeline.clone()))
+            .add_service(NativeAgentService::server(pipeline.clone()));
         servers.spawn(async move { Ok(grpc.serve_with_incoming_shutdown(incoming, signal(stopped)).await?) });
         let http_app = otlp_http::router(pipeline);
         let stopped = stop.subscribe();

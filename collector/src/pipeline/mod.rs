@@ -7,7 +7,9 @@
 
 pub mod aggregate;
 pub mod enrich;
+pub mod native;
 pub mod otlp;
+pub mod validate;
 
 use std::{
     sync::Arc,
@@ -83,10 +85,35 @@ impl Pipeline {
                 self.limits.max_spans_per_request
             )));
         }
-        let now_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let mut conversion = otlp::convert(request, &self.limits, now_ns);
+        let mut conversion = otlp::convert(request, &self.limits, now_ns());
+        self.accept(receiver, &mut conversion, LatencyAggregates::default(), true)
+    }
+
+    /// Takes one sightline.v1 batch through the pipeline. The agent's histograms, which count
+    /// sampled and unsampled requests alike, become the latency aggregates.
+    pub fn ingest_native(
+        &self,
+        receiver: &'static str,
+        batch: sightline_proto::v1::Batch,
+        dictionary: &mut native::Dictionary,
+    ) -> Result<Accepted, NativeError> {
+        let (mut conversion, latency) =
+            native::convert(batch, dictionary, &self.limits, now_ns()).map_err(|native::BrokenStream(m)| {
+                self.metrics.reject_request(receiver, "broken_stream");
+                NativeError::BrokenStream(m)
+            })?;
+        Ok(self.accept(receiver, &mut conversion, latency, false)?)
+    }
+
+    /// Counts rejections, names BTs, aggregates (unless the sender already did) and hands the
+    /// spans and aggregates to the writer.
+    fn accept(
+        &self,
+        receiver: &'static str,
+        conversion: &mut otlp::Conversion,
+        mut latency: LatencyAggregates,
+        aggregate_spans: bool,
+    ) -> Result<Accepted, IngestError> {
         self.metrics.truncated_values.inc_by(conversion.truncated);
         for (reason, n) in &conversion.rejected {
             self.metrics
@@ -96,7 +123,7 @@ impl Pipeline {
         }
         let rejected = conversion.rejected_total();
         let message = conversion.first_rejection.take().unwrap_or_default();
-        if conversion.spans.is_empty() {
+        if conversion.spans.is_empty() && latency.is_empty() {
             return if rejected > 0 {
                 self.metrics.reject_request(receiver, "all_spans_invalid");
                 Err(IngestError::Invalid(format!(
@@ -110,9 +137,11 @@ impl Pipeline {
                 })
             };
         }
-        let mut spans = conversion.spans;
+        let mut spans = std::mem::take(&mut conversion.spans);
         enrich::fill_business_transactions(&mut spans);
-        let latency = LatencyAggregates::from_spans(&spans);
+        if aggregate_spans {
+            latency.merge(LatencyAggregates::from_spans(&spans));
+        }
         let accepted = spans.len() as u64;
         if self.writer.try_submit(WriteBatch { spans, latency }).is_err() {
             self.metrics.reject_request(receiver, "queue_full");
@@ -128,4 +157,20 @@ impl Pipeline {
             message,
         })
     }
+}
+
+/// Why a native stream cannot go on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NativeError {
+    /// The batch does not fit the stream's dictionary: the stream must start over.
+    #[error("{0}")]
+    BrokenStream(String),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }

@@ -10,13 +10,12 @@ use opentelemetry_proto::tonic::{
     trace::v1::Span as OtlpSpan,
 };
 
+use super::validate::{bound, TimeBounds};
 use crate::{
     config::Limits,
     model::{Span, SpanKind, SpanStatus},
 };
 
-/// Spans earlier than 2000-01-01 are clock errors, not data.
-const EARLIEST_START_NS: u64 = 946_684_800 * 1_000_000_000;
 /// Database systems whose calls count as cache calls (stage "cache", virtual node "cache").
 const CACHE_SYSTEMS: [&str; 6] = ["redis", "memcached", "hazelcast", "ignite", "coherence", "geode"];
 
@@ -36,7 +35,7 @@ impl Conversion {
         self.rejected.iter().map(|(_, n)| n).sum()
     }
 
-    fn reject(&mut self, reason: &'static str, detail: impl FnOnce() -> String) {
+    pub(crate) fn reject(&mut self, reason: &'static str, detail: impl FnOnce() -> String) {
         match self.rejected.iter_mut().find(|(r, _)| *r == reason) {
             Some((_, n)) => *n += 1,
             None => self.rejected.push((reason, 1)),
@@ -62,8 +61,7 @@ pub fn convert(request: ExportTraceServiceRequest, limits: &Limits, now_ns: u64)
         spans: Vec::with_capacity(span_count(&request)),
         ..Conversion::default()
     };
-    let latest_start_ns = now_ns.saturating_add(limits.max_future_skew_secs * 1_000_000_000);
-    let max_duration_ns = limits.max_duration_secs.saturating_mul(1_000_000_000);
+    let bounds = TimeBounds::new(limits, now_ns);
     for resource_spans in request.resource_spans {
         let resource_attributes = resource_spans.resource.map(|r| r.attributes).unwrap_or_default();
         let find = |key: &str| {
@@ -90,16 +88,8 @@ pub fn convert(request: ExportTraceServiceRequest, limits: &Limits, now_ns: u64)
         out.truncated += truncated;
         for scope_spans in resource_spans.scope_spans {
             for otlp in scope_spans.spans {
-                if let Some(span) = convert_span(
-                    otlp,
-                    &service,
-                    &service_version,
-                    &instance,
-                    limits,
-                    latest_start_ns,
-                    max_duration_ns,
-                    &mut out,
-                ) {
+                if let Some(span) = convert_span(otlp, &service, &service_version, &instance, limits, &bounds, &mut out)
+                {
                     out.spans.push(span);
                 }
             }
@@ -115,8 +105,7 @@ fn convert_span(
     service_version: &str,
     instance: &str,
     limits: &Limits,
-    latest_start_ns: u64,
-    max_duration_ns: u64,
+    bounds: &TimeBounds,
     out: &mut Conversion,
 ) -> Option<Span> {
     let Ok(trace_id) = <[u8; 16]>::try_from(otlp.trace_id.as_slice()) else {
@@ -149,26 +138,8 @@ fn convert_span(
         }
     };
     let (start, end) = (otlp.start_time_unix_nano, otlp.end_time_unix_nano);
-    if end < start {
-        out.reject("end_before_start", || {
-            format!("span {span_id:016x} ends ({end}) before it starts ({start})")
-        });
-        return None;
-    }
-    if !(EARLIEST_START_NS..=latest_start_ns).contains(&start) {
-        out.reject("timestamp_out_of_range", || {
-            format!("span {span_id:016x} starts at {start} ns since 1970, outside the accepted range")
-        });
-        return None;
-    }
-    if end - start > max_duration_ns {
-        out.reject("duration_too_long", || {
-            format!(
-                "span {span_id:016x} lasts {} s, more than {} s",
-                (end - start) / 1_000_000_000,
-                max_duration_ns / 1_000_000_000
-            )
-        });
+    if let Err((reason, message)) = bounds.check(span_id, start, end) {
+        out.reject(reason, || message);
         return None;
     }
 
@@ -302,16 +273,6 @@ fn join_non_empty(first: &str, second: Option<&str>) -> String {
         Some(s) => format!("{first}:{s}"),
         None => first.to_string(),
     }
-}
-
-/// Cuts `s` to at most `max` bytes on a character boundary, counting each cut.
-fn bound(mut s: String, max: usize, truncated: &mut u64) -> String {
-    if s.len() > max {
-        let cut = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-        s.truncate(cut);
-        *truncated += 1;
-    }
-    s
 }
 
 /// Like [`any_value_string`], moving a string value out instead of copying it.

@@ -1,6 +1,7 @@
 //! Receivers: the network edge. Each decodes its protocol, refuses what it cannot take with
 //! that protocol's status (and a counter), and hands the rest to the pipeline.
 
+pub mod native;
 pub mod otlp_grpc;
 pub mod otlp_http;
 

@@ -1,0 +1,84 @@
+//! A fast clock: the CPU's counter (via quanta), anchored once to the wall clock so spans carry
+//! Unix nanoseconds without a system call per reading.
+
+use std::{
+    sync::OnceLock,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+struct Anchor {
+    clock: quanta::Clock,
+    raw: u64,
+    unix_ns: u64,
+}
+
+fn anchor() -> &'static Anchor {
+    static ANCHOR: OnceLock<Anchor> = OnceLock::new();
+    ANCHOR.get_or_init(|| {
+        let clock = quanta::Clock::new();
+        let raw = clock.raw();
+        let unix_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Anchor { clock, raw, unix_ns }
+    })
+}
+
+/// A raw counter reading; cheap.
+#[inline]
+pub(crate) fn now_raw() -> u64 {
+    anchor().clock.raw()
+}
+
+/// Nanoseconds between two raw readings.
+#[inline]
+pub(crate) fn delta_ns(start: u64, end: u64) -> u64 {
+    anchor().clock.delta_as_nanos(start, end)
+}
+
+/// A raw reading as Unix nanoseconds.
+pub(crate) fn unix_ns(raw: u64) -> u64 {
+    let a = anchor();
+    if raw >= a.raw {
+        a.unix_ns + a.clock.delta_as_nanos(a.raw, raw)
+    } else {
+        a.unix_ns - a.clock.delta_as_nanos(raw, a.raw)
+    }
+}
+
+/// Ids: a per-thread xorshift generator seeded from the clock and the thread; ids are never 0.
+pub(crate) mod ids {
+    use std::cell::Cell;
+
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(seed());
+    }
+
+    fn seed() -> u64 {
+        let local = 0u8;
+        let mixed = super::now_raw() ^ ((&local as *const u8 as u64).rotate_left(29)) ^ 0x9E37_79B9_7F4A_7C15;
+        mixed | 1
+    }
+
+    #[inline]
+    pub(crate) fn next_u64() -> u64 {
+        STATE.with(|s| {
+            // xorshift64*: fast, good enough for ids and sampling decisions.
+            let mut x = s.get();
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            s.set(x);
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1
+        })
+    }
+
+    pub(crate) fn trace_id() -> u128 {
+        (u128::from(next_u64()) << 64) | u128::from(next_u64())
+    }
+
+    /// True with probability `ratio`.
+    pub(crate) fn sample(ratio: f64) -> bool {
+        ratio >= 1.0 || (ratio > 0.0 && ((next_u64() >> 11) as f64 / (1u64 << 53) as f64) < ratio)
+    }
+}

@@ -1,0 +1,396 @@
+//! The one background exporter: a thread with its own small runtime, so the application's
+//! executor never runs export work.
+//!
+//! It drains the hand-off queue every `flush_interval`, folds every finished span into
+//! per-minute RED histograms (exact: unsampled transactions count too), and sends batches on a
+//! `sightline.v1` stream with a per-stream string dictionary. Batches stay pending until the
+//! collector acknowledges them and are sent again on a new stream after a reconnect; past
+//! `max_pending_spans` the oldest are dropped and counted. Heartbeats report queue depth and
+//! drops.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::atomic::Ordering,
+    time::Duration,
+};
+
+use crossbeam_channel::Receiver;
+use sightline_proto::{
+    histogram,
+    v1::{
+        agent_client::AgentClient, agent_message, collector_message, AgentMessage, Attribute, Batch, Heartbeat,
+        LatencyHistogram, Resource, Span as WireSpan, SpanKind, Status as WireStatus,
+    },
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::{
+    agent::Agent,
+    config::Config,
+    span::{Finished, Kind},
+};
+
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Spans and RED not yet acknowledged; `batch_id` 0 while not yet cut into a batch.
+struct Pending {
+    batch_id: u64,
+    spans: Vec<Finished>,
+    histograms: Vec<(RedKey, RedValue)>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct RedKey {
+    minute: u64,
+    bt: String,
+    operation: String,
+    kind: Kind,
+    stage: &'static str,
+    error: bool,
+}
+
+#[derive(Default, Clone)]
+struct RedValue {
+    calls: u64,
+    errors: u64,
+    sum_micros: u64,
+    buckets: BTreeMap<u64, u64>,
+}
+
+/// The stage a span's time belongs to.
+fn stage(span: &Finished) -> &'static str {
+    match (span.kind, span.component.as_ref()) {
+        (_, "db") => "db",
+        (_, "cache") => "cache",
+        (_, "mq") => "mq",
+        (Kind::Client, _) => "downstream",
+        _ => "own",
+    }
+}
+
+/// Per-stream string table; index 0 is "".
+#[derive(Default)]
+struct Dictionary {
+    index: HashMap<String, u32>,
+    added: Vec<String>,
+}
+
+impl Dictionary {
+    fn id(&mut self, s: &str) -> u32 {
+        if s.is_empty() {
+            return 0;
+        }
+        if let Some(&i) = self.index.get(s) {
+            return i;
+        }
+        let i = self.index.len() as u32 + 1;
+        self.index.insert(s.to_string(), i);
+        self.added.push(s.to_string());
+        i
+    }
+}
+
+pub(crate) struct Exporter {
+    config: Config,
+    agent: &'static Agent,
+    queue: Receiver<Vec<Finished>>,
+    pending: VecDeque<Pending>,
+    pending_spans: usize,
+    red: HashMap<RedKey, RedValue>,
+    next_batch_id: u64,
+    sent_spans: u64,
+}
+
+impl Exporter {
+    pub(crate) fn new(config: Config, agent: &'static Agent, queue: Receiver<Vec<Finished>>) -> Self {
+        let next_batch_id = crate::clock::ids::next_u64() & 0xFFFF_FFFF_0000_0000;
+        Self {
+            config,
+            agent,
+            queue,
+            pending: VecDeque::new(),
+            pending_spans: 0,
+            red: HashMap::new(),
+            next_batch_id,
+            sent_spans: 0,
+        }
+    }
+
+    /// Runs until `stop` fires, then sends what is left (waiting up to 5 s for the collector).
+    pub(crate) async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.session(&mut stop).await {
+                Ok(()) => return,
+                Err(e) => {
+                    debug!("sightline exporter: {e}; reconnecting in {backoff:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = &mut stop => { return }
+                    }
+                    self.collect();
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// One stream to the collector. Ok when stopped, Err when the stream broke.
+    async fn session(&mut self, stop: &mut oneshot::Receiver<()>) -> Result<(), String> {
+        let mut client = AgentClient::connect(self.config.collector.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel::<AgentMessage>(64);
+        let mut inbound = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        let mut dictionary = Dictionary::default();
+        // Everything not yet acknowledged goes again on this stream, oldest first.
+        for i in 0..self.pending.len() {
+            if self.pending[i].batch_id == 0 {
+                continue; // not cut into a batch yet
+            }
+            let message = self.encode(&self.pending[i], &mut dictionary);
+            tx.send(message).await.map_err(|_| "stream closed")?;
+        }
+        // Draining often keeps the hand-off queue short (each finished request is one entry);
+        // sending happens on the slower flush tick.
+        let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+        let mut flush = tokio::time::interval(self.config.flush_interval);
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
+        let mut paused_until = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = drain.tick() => self.collect(),
+                _ = flush.tick() => {
+                    self.collect();
+                    if tokio::time::Instant::now() >= paused_until {
+                        if let Some(batch) = self.cut_batch() {
+                            let message = self.encode(&batch, &mut dictionary);
+                            self.pending.push_back(batch);
+                            tx.send(message).await.map_err(|_| "stream closed")?;
+                        }
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let message = self.heartbeat(&mut dictionary);
+                    tx.send(message).await.map_err(|_| "stream closed")?;
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => match message.body {
+                        Some(collector_message::Body::Ack(ack)) => self.acknowledge(ack.batch_id),
+                        Some(collector_message::Body::Config(config))
+                            if (0.0..=1.0).contains(&config.sampling_ratio) =>
+                        {
+                            self.agent.set_sampling_ratio(config.sampling_ratio);
+                        }
+                        Some(collector_message::Body::Backpressure(bp)) => {
+                            paused_until = tokio::time::Instant::now() + Duration::from_millis(bp.retry_after_millis);
+                        }
+                        _ => {}
+                    },
+                    Ok(None) => return Err("collector closed the stream".into()),
+                    Err(status) => return Err(format!("stream failed: {status}")),
+                },
+                _ = &mut *stop => {
+                    self.collect();
+                    if let Some(batch) = self.cut_batch() {
+                        let message = self.encode(&batch, &mut dictionary);
+                        self.pending.push_back(batch);
+                        let _ = tx.send(message).await;
+                    }
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                    while !self.pending.is_empty() {
+                        match tokio::time::timeout_at(deadline, inbound.message()).await {
+                            Ok(Ok(Some(message))) => {
+                                if let Some(collector_message::Body::Ack(ack)) = message.body {
+                                    self.acknowledge(ack.batch_id);
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                    if !self.pending.is_empty() {
+                        warn!(batches = self.pending.len(), "sightline: shutting down with unacknowledged batches");
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Takes everything from the hand-off queue: RED for all, spans kept when sampled.
+    fn collect(&mut self) {
+        let mut incoming = Vec::new();
+        for batch in self.queue.try_iter() {
+            for span in batch {
+                let micros = span.duration_ns.div_ceil(1000);
+                let key = RedKey {
+                    minute: span.start_unix_ns / 1_000_000_000 / 60 * 60,
+                    bt: span.bt.to_string(),
+                    operation: span.operation.to_string(),
+                    kind: span.kind,
+                    stage: stage(&span),
+                    error: span.error.is_some(),
+                };
+                let value = self.red.entry(key).or_default();
+                value.calls += 1;
+                value.errors += u64::from(span.error.is_some());
+                value.sum_micros += micros;
+                *value.buckets.entry(histogram::bucket_of(micros)).or_insert(0) += 1;
+                if span.sampled {
+                    incoming.push(span);
+                }
+            }
+        }
+        if incoming.is_empty() {
+            return;
+        }
+        self.pending_spans += incoming.len();
+        self.pending.push_back(Pending {
+            batch_id: 0,
+            spans: incoming,
+            histograms: Vec::new(),
+        });
+        // Over the cap: the oldest pending spans go first.
+        while self.pending_spans > self.config.max_pending_spans {
+            let Some(oldest) = self.pending.pop_front() else { break };
+            self.pending_spans -= oldest.spans.len();
+            self.agent
+                .dropped_spans
+                .fetch_add(oldest.spans.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Merges the not-yet-sent pending spans (batch id 0) and the RED so far into one batch.
+    fn cut_batch(&mut self) -> Option<Pending> {
+        let mut spans = Vec::new();
+        while self.pending.back().is_some_and(|p| p.batch_id == 0) {
+            let mut unsent = self.pending.pop_back().expect("checked");
+            unsent.spans.append(&mut spans);
+            spans = unsent.spans;
+        }
+        let histograms: Vec<_> = self.red.drain().collect();
+        if spans.is_empty() && histograms.is_empty() {
+            return None;
+        }
+        self.next_batch_id += 1;
+        self.sent_spans += spans.len() as u64;
+        Some(Pending {
+            batch_id: self.next_batch_id,
+            spans,
+            histograms,
+        })
+    }
+
+    fn acknowledge(&mut self, batch_id: u64) {
+        if let Some(i) = self.pending.iter().position(|p| p.batch_id == batch_id) {
+            let done = self.pending.remove(i).expect("found");
+            self.pending_spans -= done.spans.len();
+        }
+    }
+
+    fn resource(&self, dictionary: &mut Dictionary) -> Resource {
+        Resource {
+            service: dictionary.id(self.agent.service()),
+            service_version: dictionary.id(&self.agent.version),
+            instance: dictionary.id(&self.agent.instance),
+        }
+    }
+
+    fn encode(&self, batch: &Pending, dictionary: &mut Dictionary) -> AgentMessage {
+        dictionary.added.clear();
+        let resource = self.resource(dictionary);
+        let spans = batch
+            .spans
+            .iter()
+            .map(|s| WireSpan {
+                trace_id: s.trace_id.to_be_bytes().to_vec(),
+                span_id: s.span_id,
+                parent_span_id: s.parent_span_id,
+                operation: dictionary.id(&s.operation),
+                kind: kind(s.kind) as i32,
+                component: dictionary.id(&s.component),
+                peer: dictionary.id(&s.peer),
+                business_transaction: dictionary.id(&s.bt),
+                start_unix_nanos: s.start_unix_ns,
+                duration_nanos: s.duration_ns,
+                status: if s.error.is_some() {
+                    WireStatus::Error
+                } else {
+                    WireStatus::Unset
+                } as i32,
+                error_type: s.error.as_ref().map_or(0, |e| dictionary.id(&e.0)),
+                error_message: s.error.as_ref().map(|e| e.1.clone()).unwrap_or_default(),
+                attributes: s
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| Attribute {
+                        key: dictionary.id(k),
+                        value: v.clone(),
+                    })
+                    .collect(),
+                caller_service: s.caller.as_ref().map_or(0, |c| dictionary.id(&c.0)),
+                caller_operation: s.caller.as_ref().map_or(0, |c| dictionary.id(&c.1)),
+            })
+            .collect();
+        let histograms = batch
+            .histograms
+            .iter()
+            .map(|(k, v)| LatencyHistogram {
+                minute_unix_seconds: k.minute,
+                business_transaction: dictionary.id(&k.bt),
+                operation: dictionary.id(&k.operation),
+                kind: kind(k.kind) as i32,
+                stage: dictionary.id(k.stage),
+                status: if k.error { WireStatus::Error } else { WireStatus::Unset } as i32,
+                calls: v.calls,
+                errors: v.errors,
+                bucket_micros: v.buckets.keys().copied().collect(),
+                bucket_counts: v.buckets.values().copied().collect(),
+                sum_micros: v.sum_micros,
+            })
+            .collect();
+        AgentMessage {
+            body: Some(agent_message::Body::Batch(Batch {
+                batch_id: batch.batch_id,
+                new_strings: std::mem::take(&mut dictionary.added),
+                resource: Some(resource),
+                spans,
+                histograms,
+                inflight: vec![],
+            })),
+        }
+    }
+
+    fn heartbeat(&self, dictionary: &mut Dictionary) -> AgentMessage {
+        // Heartbeats add no strings: the resource's strings are sent in a batch first.
+        let mut probe = Dictionary {
+            index: dictionary.index.clone(),
+            added: vec![],
+        };
+        let resource = self.resource(&mut probe);
+        AgentMessage {
+            body: Some(agent_message::Body::Heartbeat(Heartbeat {
+                resource: probe.added.is_empty().then_some(resource),
+                unix_millis: crate::clock::unix_ns(crate::clock::now_raw()) / 1_000_000,
+                queue_depth: self.queue.len() as u64,
+                dropped_spans: self.agent.dropped_spans.load(Ordering::Relaxed),
+                sent_spans: self.sent_spans,
+            })),
+        }
+    }
+}
+
+fn kind(kind: Kind) -> SpanKind {
+    match kind {
+        Kind::Internal => SpanKind::Internal,
+        Kind::Server => SpanKind::Server,
+        Kind::Client => SpanKind::Client,
+        Kind::Producer => SpanKind::Producer,
+        Kind::Consumer => SpanKind::Consumer,
+    }
+}

@@ -1,0 +1,49 @@
+//! Async support: a span current on whichever thread polls the future.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use crate::span::{self, Span};
+
+pin_project_lite::pin_project! {
+    /// A future running inside a span; see [`Span::instrument`].
+    pub struct Instrumented<F> {
+        #[pin]
+        future: F,
+        span: Option<Span>,
+    }
+}
+
+impl<F> Instrumented<F> {
+    pub(crate) fn new(span: Span, future: F) -> Self {
+        Self {
+            future,
+            span: Some(span),
+        }
+    }
+}
+
+impl<F: Future> Future for Instrumented<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let entered = this.span.as_ref().and_then(|s| s.current().cloned());
+        let id = entered.as_ref().map(|c| c.span_id);
+        if let Some(current) = entered {
+            span::push(current);
+        }
+        let result = this.future.poll(cx);
+        if let Some(id) = id {
+            span::pop(id);
+        }
+        if result.is_ready() {
+            // End the span as soon as its work is done, not when the wrapper is dropped.
+            this.span.take();
+        }
+        result
+    }
+}

@@ -1,0 +1,99 @@
+//! The native agent receiver: `sightline.v1.Agent/Stream` on the gRPC port.
+//!
+//! One bidirectional stream per agent process. Batches are acknowledged once the pipeline has
+//! taken them; a batch that is invalid as a whole is acknowledged too (sending it again would
+//! not help, and it must not block the batches behind it). When the collector is busy the agent
+//! is told to back off and the stream ends; the agent reconnects and sends again what was not
+//! acknowledged. A batch that breaks the stream's dictionary ends the stream with
+//! INVALID_ARGUMENT.
+
+use std::pin::Pin;
+
+use sightline_proto::v1::{
+    agent_message,
+    agent_server::{Agent, AgentServer},
+    collector_message, Ack, AgentMessage, Backpressure, CollectorMessage,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+use crate::pipeline::{native::Dictionary, IngestError, NativeError, Pipeline};
+
+const RECEIVER: &str = "native";
+
+pub struct NativeAgentService {
+    pipeline: Pipeline,
+}
+
+impl NativeAgentService {
+    /// The service, with the collector's request size limit on each message.
+    pub fn server(pipeline: Pipeline) -> AgentServer<Self> {
+        let max = pipeline.limits().max_request_bytes;
+        AgentServer::new(Self { pipeline }).max_decoding_message_size(max)
+    }
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<CollectorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for NativeAgentService {
+    type StreamStream = Outbound;
+
+    async fn stream(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<CollectorMessage, Status>>(64);
+        let pipeline = self.pipeline.clone();
+        tokio::spawn(async move {
+            let mut dictionary = Dictionary::default();
+            let reply = |body| Ok(CollectorMessage { body: Some(body) });
+            loop {
+                let message = match inbound.message().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => return,
+                    Err(status) => {
+                        debug!("agent stream ended: {status}");
+                        return;
+                    }
+                };
+                match message.body {
+                    Some(agent_message::Body::Batch(batch)) => {
+                        let batch_id = batch.batch_id;
+                        match pipeline.ingest_native(RECEIVER, batch, &mut dictionary) {
+                            Ok(_) | Err(NativeError::Ingest(IngestError::Invalid(_))) => {
+                                let ack = collector_message::Body::Ack(Ack { batch_id });
+                                if tx.send(reply(ack)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(NativeError::Ingest(IngestError::Busy(delay))) => {
+                                let backpressure = collector_message::Body::Backpressure(Backpressure {
+                                    retry_after_millis: delay.as_millis() as u64,
+                                    reason: "write queue full".into(),
+                                });
+                                let _ = tx.send(reply(backpressure)).await;
+                                let _ = tx
+                                    .send(Err(crate::receivers::unavailable_with_retry(
+                                        "collector busy".into(),
+                                        delay,
+                                    )))
+                                    .await;
+                                return;
+                            }
+                            Err(NativeError::BrokenStream(message)) => {
+                                let _ = tx.send(Err(Status::invalid_argument(message))).await;
+                                return;
+                            }
+                        }
+                    }
+                    Some(agent_message::Body::Heartbeat(_heartbeat)) => {
+                        pipeline.metrics().agent_heartbeats.inc();
+                    }
+                    None => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,126 @@
+//! A service instrumented with the `sightline` crate sends its call chain over the native
+//! sightline.v1 stream; the collector stores it with the BT on every span, correct parents,
+//! DB and cache children with their peers, and the caller from baggage on the downstream entry.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sightline_collector::Collector;
+use sightline_tests::{eventually, get, metric, testing};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_chain_arrives_over_the_native_stream() {
+    let collector = Collector::start(testing::config("agent_native")).await.unwrap();
+    let api = format!("http://{}", collector.api_addr);
+    let agent = sightline::init(sightline::Config {
+        service: "auth".into(),
+        version: "1.5.0".into(),
+        instance: "auth-1".into(),
+        collector: format!("http://{}", collector.grpc_addr),
+        flush_interval: Duration::from_millis(100),
+        heartbeat_interval: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(
+        sightline::init(sightline::Config::default()).is_err(),
+        "one agent per process"
+    );
+
+    let trace_id;
+    {
+        let login = sightline::transaction("Login").operation("POST /login").entered();
+        trace_id = login.trace_id().unwrap();
+        {
+            let mut query = sightline::span("SELECT users").client("db", "postgres:users").entered();
+            query.set_attribute("db.query.text", "SELECT id FROM users WHERE login = $1");
+        }
+        {
+            let mut cache = sightline::span("GET session").client("cache", "redis").entered();
+            cache.set_error("Timeout", "redis did not answer in 5 ms");
+        }
+        // Async work on the runtime, started inside the transaction.
+        let pending = sightline::span("GET profile")
+            .client("http", "profiles")
+            .start()
+            .instrument(async {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            });
+        pending.await;
+        // A downstream service's handler on another thread: context only through headers.
+        let mut headers = Vec::new();
+        {
+            let _call = sightline::span("Sessions/Create").client("grpc", "sessions").entered();
+            sightline::propagation::inject(|name, value| headers.push((name, value)));
+        }
+        std::thread::spawn(move || {
+            let remote = sightline::propagation::extract(|name| {
+                headers.iter().find(|(h, _)| *h == name).map(|(_, v)| v.as_str())
+            });
+            assert!(remote.is_some(), "traceparent was injected");
+            let _entry = sightline::span("Sessions/Create")
+                .kind(sightline::Kind::Server)
+                .child_of(remote)
+                .entered();
+        })
+        .join()
+        .unwrap();
+    }
+
+    let trace: Value = eventually("the transaction's 6 spans", Duration::from_secs(20), || async {
+        let r = get(&format!("{api}/api/v1/traces/{trace_id}")).await;
+        (r.status == 200 && r.json()["spans"].as_array().unwrap().len() == 6).then(|| r.json())
+    })
+    .await;
+    let spans = trace["spans"].as_array().unwrap();
+    let find = |operation: &str, kind: &str| -> &Value {
+        spans
+            .iter()
+            .find(|s| s["operation"] == operation && s["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} {operation} in {trace:#}"))
+    };
+    let root = find("POST /login", "server");
+    let db = find("SELECT users", "client");
+    let cache = find("GET session", "client");
+    let profile = find("GET profile", "client");
+    let call = find("Sessions/Create", "client");
+    let downstream = find("Sessions/Create", "server");
+    assert_eq!(root["parent_span_id"], Value::Null);
+    for child in [db, cache, profile, call] {
+        assert_eq!(child["parent_span_id"], root["span_id"], "{}", child["operation"]);
+    }
+    assert_eq!(downstream["parent_span_id"], call["span_id"]);
+    assert!(spans.iter().all(|s| s["bt"] == "Login"), "BT on every span: {trace:#}");
+    assert!(spans
+        .iter()
+        .all(|s| s["service"] == "auth" && s["service_version"] == "1.5.0" && s["instance"] == "auth-1"));
+    assert_eq!(
+        (db["component"].as_str(), db["peer"].as_str()),
+        (Some("db"), Some("postgres:users"))
+    );
+    assert_eq!(
+        db["attributes"]["db.query.text"],
+        "SELECT id FROM users WHERE login = $1"
+    );
+    assert_eq!(
+        (cache["component"].as_str(), cache["peer"].as_str()),
+        (Some("cache"), Some("redis"))
+    );
+    assert_eq!(
+        (cache["status"].as_str(), cache["error_type"].as_str()),
+        (Some("error"), Some("Timeout"))
+    );
+    assert!(profile["duration_us"].as_u64().unwrap() >= 3000);
+    assert_eq!(downstream["attributes"]["sightline.caller.service"], "auth");
+    assert_eq!(downstream["attributes"]["sightline.caller.operation"], "POST /login");
+
+    // Heartbeats arrive; nothing was dropped.
+    eventually("a heartbeat", Duration::from_secs(10), || async {
+        let text = String::from_utf8(get(&format!("{api}/metrics")).await.body.to_vec()).unwrap();
+        (metric(&text, "sightline_agent_heartbeats_total") >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(sightline::dropped_spans(), 0);
+    drop(agent);
+    collector.shutdown().await.unwrap();
+}
