@@ -32,6 +32,8 @@ use crate::{
 };
 
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// Spans per batch: ~1 MB on the wire, far under the collector's request limit.
+const MAX_BATCH_SPANS: usize = 8192;
 
 /// Spans and RED not yet acknowledged; `batch_id` 0 while not yet cut into a batch.
 struct Pending {
@@ -56,6 +58,17 @@ struct RedValue {
     errors: u64,
     sum_micros: u64,
     buckets: BTreeMap<u64, u64>,
+}
+
+impl RedValue {
+    fn add(&mut self, other: RedValue) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.sum_micros += other.sum_micros;
+        for (bucket, count) in other.buckets {
+            *self.buckets.entry(bucket).or_insert(0) += count;
+        }
+    }
 }
 
 /// The stage a span's time belongs to.
@@ -125,11 +138,18 @@ impl Exporter {
                 Ok(()) => return,
                 Err(e) => {
                     debug!("sightline exporter: {e}; reconnecting in {backoff:?}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = &mut stop => { return }
+                    // Keep draining while away, so the hand-off queue stays short and the
+                    // pending cap (not the queue) bounds what is held.
+                    let reconnect = tokio::time::sleep(backoff);
+                    tokio::pin!(reconnect);
+                    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+                    loop {
+                        tokio::select! {
+                            _ = &mut reconnect => break,
+                            _ = drain.tick() => self.collect(),
+                            _ = &mut stop => return,
+                        }
                     }
-                    self.collect();
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
@@ -168,7 +188,7 @@ impl Exporter {
                 _ = flush.tick() => {
                     self.collect();
                     if tokio::time::Instant::now() >= paused_until {
-                        if let Some(batch) = self.cut_batch() {
+                        for batch in self.cut_batches() {
                             let message = self.encode(&batch, &mut dictionary);
                             self.pending.push_back(batch);
                             tx.send(message).await.map_err(|_| "stream closed")?;
@@ -197,7 +217,7 @@ impl Exporter {
                 },
                 _ = &mut *stop => {
                     self.collect();
-                    if let Some(batch) = self.cut_batch() {
+                    for batch in self.cut_batches() {
                         let message = self.encode(&batch, &mut dictionary);
                         self.pending.push_back(batch);
                         let _ = tx.send(message).await;
@@ -236,11 +256,12 @@ impl Exporter {
                     stage: stage(&span),
                     error: span.error.is_some(),
                 };
-                let value = self.red.entry(key).or_default();
-                value.calls += 1;
-                value.errors += u64::from(span.error.is_some());
-                value.sum_micros += micros;
-                *value.buckets.entry(histogram::bucket_of(micros)).or_insert(0) += 1;
+                self.red.entry(key).or_default().add(RedValue {
+                    calls: 1,
+                    errors: u64::from(span.error.is_some()),
+                    sum_micros: micros,
+                    buckets: BTreeMap::from([(histogram::bucket_of(micros), 1)]),
+                });
                 if span.sampled {
                     incoming.push(span);
                 }
@@ -255,35 +276,47 @@ impl Exporter {
             spans: incoming,
             histograms: Vec::new(),
         });
-        // Over the cap: the oldest pending spans go first.
+        // Over the cap: exactly the excess goes, oldest spans first. RED is never dropped: a
+        // discarded batch's histograms go back to be sent again.
         while self.pending_spans > self.config.max_pending_spans {
-            let Some(oldest) = self.pending.pop_front() else { break };
-            self.pending_spans -= oldest.spans.len();
-            self.agent
-                .dropped_spans
-                .fetch_add(oldest.spans.len() as u64, Ordering::Relaxed);
+            let excess = self.pending_spans - self.config.max_pending_spans;
+            let Some(oldest) = self.pending.front_mut() else { break };
+            let cut = excess.min(oldest.spans.len());
+            oldest.spans.drain(..cut);
+            self.pending_spans -= cut;
+            self.agent.dropped_spans.fetch_add(cut as u64, Ordering::Relaxed);
+            if oldest.spans.is_empty() {
+                let emptied = self.pending.pop_front().expect("front exists");
+                for (key, value) in emptied.histograms {
+                    self.red.entry(key).or_default().add(value);
+                }
+            }
         }
     }
 
-    /// Merges the not-yet-sent pending spans (batch id 0) and the RED so far into one batch.
-    fn cut_batch(&mut self) -> Option<Pending> {
+    /// Cuts the not-yet-sent pending spans (batch id 0) and the RED so far into batches of at
+    /// most [`MAX_BATCH_SPANS`] spans (well under the collector's message limit).
+    fn cut_batches(&mut self) -> Vec<Pending> {
         let mut spans = Vec::new();
         while self.pending.back().is_some_and(|p| p.batch_id == 0) {
             let mut unsent = self.pending.pop_back().expect("checked");
             unsent.spans.append(&mut spans);
             spans = unsent.spans;
         }
-        let histograms: Vec<_> = self.red.drain().collect();
-        if spans.is_empty() && histograms.is_empty() {
-            return None;
+        let mut histograms: Vec<_> = self.red.drain().collect();
+        let mut batches = Vec::new();
+        while !spans.is_empty() || !histograms.is_empty() {
+            let rest = spans.split_off(spans.len().min(MAX_BATCH_SPANS));
+            let chunk = std::mem::replace(&mut spans, rest);
+            self.next_batch_id += 1;
+            self.sent_spans += chunk.len() as u64;
+            batches.push(Pending {
+                batch_id: self.next_batch_id,
+                spans: chunk,
+                histograms: std::mem::take(&mut histograms),
+            });
         }
-        self.next_batch_id += 1;
-        self.sent_spans += spans.len() as u64;
-        Some(Pending {
-            batch_id: self.next_batch_id,
-            spans,
-            histograms,
-        })
+        batches
     }
 
     fn acknowledge(&mut self, batch_id: u64) {

@@ -24,6 +24,12 @@ pub struct RequestRejectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    pub service: String,
+    pub instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TableLabel {
     pub table: &'static str,
 }
@@ -47,6 +53,10 @@ pub struct Metrics {
     pub insert_duration_seconds: Family<TableLabel, Histogram>,
     /// Heartbeats received from native agents.
     pub agent_heartbeats: Counter,
+    /// Spans each agent reports it dropped (collector away, queue full), from its heartbeats.
+    pub agent_dropped_spans: Family<AgentLabels, Gauge>,
+    /// Each agent's hand-off queue depth, from its heartbeats.
+    pub agent_queue_depth: Family<AgentLabels, Gauge>,
 }
 
 impl Metrics {
@@ -65,6 +75,8 @@ impl Metrics {
                 Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
             }),
             agent_heartbeats: Counter::default(),
+            agent_dropped_spans: Family::default(),
+            agent_queue_depth: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -116,6 +128,16 @@ impl Metrics {
             "agent_heartbeats",
             "Heartbeats from native agents",
             metrics.agent_heartbeats.clone(),
+        );
+        registry.register(
+            "agent_dropped_spans",
+            "Spans an agent reports it dropped, by service and instance",
+            metrics.agent_dropped_spans.clone(),
+        );
+        registry.register(
+            "agent_queue_depth",
+            "An agent's hand-off queue depth, by service and instance",
+            metrics.agent_queue_depth.clone(),
         );
         Self { registry, ..metrics }
     }

@@ -37,7 +37,7 @@ impl Default for Dictionary {
 }
 
 impl Dictionary {
-    fn get(&self, index: u32) -> Result<&str, String> {
+    pub fn get(&self, index: u32) -> Result<&str, String> {
         self.strings.get(index as usize).map(String::as_str).ok_or_else(|| {
             format!(
                 "string index {index} is not in the stream's dictionary ({} entries)",

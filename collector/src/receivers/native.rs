@@ -19,7 +19,10 @@ use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
-use crate::pipeline::{native::Dictionary, IngestError, NativeError, Pipeline};
+use crate::{
+    metrics::AgentLabels,
+    pipeline::{native::Dictionary, IngestError, NativeError, Pipeline},
+};
 
 const RECEIVER: &str = "native";
 
@@ -87,8 +90,23 @@ impl Agent for NativeAgentService {
                             }
                         }
                     }
-                    Some(agent_message::Body::Heartbeat(_heartbeat)) => {
-                        pipeline.metrics().agent_heartbeats.inc();
+                    Some(agent_message::Body::Heartbeat(heartbeat)) => {
+                        let metrics = pipeline.metrics();
+                        metrics.agent_heartbeats.inc();
+                        let resource = heartbeat.resource.unwrap_or_default();
+                        let name = |i| dictionary.get(i).unwrap_or_default().to_string();
+                        let labels = AgentLabels {
+                            service: name(resource.service),
+                            instance: name(resource.instance),
+                        };
+                        metrics
+                            .agent_dropped_spans
+                            .get_or_create(&labels)
+                            .set(heartbeat.dropped_spans as i64);
+                        metrics
+                            .agent_queue_depth
+                            .get_or_create(&labels)
+                            .set(heartbeat.queue_depth as i64);
                     }
                     None => {}
                 }
