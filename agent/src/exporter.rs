@@ -15,6 +15,7 @@ use std::{
 };
 
 use crossbeam_channel::Receiver;
+use rustc_hash::FxHashMap;
 use sightline_proto::{
     histogram,
     v1::{
@@ -28,7 +29,7 @@ use tracing::{debug, warn};
 use crate::{
     agent::Agent,
     config::Config,
-    span::{Finished, Kind},
+    span::{Finished, Kind, Name, SharedName},
 };
 
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
@@ -45,8 +46,8 @@ struct Pending {
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct RedKey {
     minute: u64,
-    bt: String,
-    operation: String,
+    bt: SharedName,
+    operation: Name,
     kind: Kind,
     stage: &'static str,
     error: bool,
@@ -110,7 +111,7 @@ pub(crate) struct Exporter {
     queue: Receiver<Vec<Finished>>,
     pending: VecDeque<Pending>,
     pending_spans: usize,
-    red: HashMap<RedKey, RedValue>,
+    red: FxHashMap<RedKey, RedValue>,
     next_batch_id: u64,
     sent_spans: u64,
 }
@@ -124,7 +125,7 @@ impl Exporter {
             queue,
             pending: VecDeque::new(),
             pending_spans: 0,
-            red: HashMap::new(),
+            red: FxHashMap::default(),
             next_batch_id,
             sent_spans: 0,
         }
@@ -245,13 +246,18 @@ impl Exporter {
     /// Takes everything from the hand-off queue: RED for all, spans kept when sampled.
     fn collect(&mut self) {
         let mut incoming = Vec::new();
-        for batch in self.queue.try_iter() {
-            for span in batch {
+        for mut batch in self.queue.try_iter() {
+            for mut span in batch.drain(..) {
                 let micros = span.duration_ns.div_ceil(1000);
                 let key = RedKey {
                     minute: span.start_unix_ns / 1_000_000_000 / 60 * 60,
-                    bt: span.bt.to_string(),
-                    operation: span.operation.to_string(),
+                    bt: span.bt.clone(),
+                    // Unsampled spans are done with their name: move it rather than copy.
+                    operation: if span.sampled {
+                        span.operation.clone()
+                    } else {
+                        std::mem::take(&mut span.operation)
+                    },
                     kind: span.kind,
                     stage: stage(&span),
                     error: span.error.is_some(),
@@ -266,6 +272,7 @@ impl Exporter {
                     incoming.push(span);
                 }
             }
+            self.agent.recycle(batch);
         }
         if incoming.is_empty() {
             return;

@@ -33,15 +33,56 @@ pub enum Kind {
     Consumer = 5,
 }
 
+/// A name every span of a trace shares: free to clone when static (the usual case: a BT or
+/// route named in code), a reference count otherwise. Compared and hashed by its text.
+#[derive(Clone, Debug)]
+pub(crate) enum SharedName {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl SharedName {
+    fn new(name: &Name) -> Self {
+        match name {
+            Cow::Borrowed(s) => Self::Static(s),
+            Cow::Owned(s) => Self::Shared(Arc::from(s.as_str())),
+        }
+    }
+}
+
+impl std::ops::Deref for SharedName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            Self::Static(s) => s,
+            Self::Shared(s) => s,
+        }
+    }
+}
+
+impl PartialEq for SharedName {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for SharedName {}
+
+impl std::hash::Hash for SharedName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (**self).hash(state);
+    }
+}
+
 /// The context children inherit: trace, parent, sampling, business transaction.
 #[derive(Clone, Debug)]
 pub(crate) struct Current {
     pub trace_id: u128,
     pub span_id: u64,
     pub sampled: bool,
-    pub bt: Arc<str>,
+    pub bt: SharedName,
     /// The operation of this thread's entry span: the "caller operation" downstream.
-    pub entry_operation: Arc<str>,
+    pub entry_operation: SharedName,
 }
 
 /// A finished span on its way to the exporter.
@@ -54,7 +95,7 @@ pub(crate) struct Finished {
     pub kind: Kind,
     pub component: Name,
     pub peer: Name,
-    pub bt: Arc<str>,
+    pub bt: SharedName,
     pub start_unix_ns: u64,
     pub duration_ns: u64,
     pub error: Option<Box<(Name, String)>>,
@@ -76,11 +117,6 @@ thread_local! {
 
 fn current() -> Option<Current> {
     LOCAL.with(|l| l.borrow().stack.last().cloned())
-}
-
-/// Whether the thread is inside an unsampled trace (the cheap early exit).
-fn inside_unsampled() -> bool {
-    LOCAL.with(|l| l.borrow().stack.last().is_some_and(|c| !c.sampled))
 }
 
 /// Describes a span before it starts. Made by [`crate::transaction`] and [`crate::span`].
@@ -138,10 +174,13 @@ impl SpanBuilder {
         let Some(agent) = agent::get() else {
             return Span { data: None };
         };
-        let parent = current();
-        if self.remote.is_none() && inside_unsampled() {
-            return Span { data: None };
-        }
+        // One look at this thread's stack: inside an unsampled trace a child is a no-op.
+        let remote_given = self.remote.is_some();
+        let parent = LOCAL.with(|l| match l.borrow().stack.last() {
+            Some(c) if !c.sampled && !remote_given => Err(()),
+            other => Ok(other.cloned()),
+        });
+        let Ok(parent) = parent else { return Span { data: None } };
         let (trace_id, parent_span_id, sampled, bt, entry_operation, caller, entry) = match (&parent, self.remote) {
             (Some(p), _) => (
                 p.trace_id,
@@ -153,10 +192,10 @@ impl SpanBuilder {
                 false,
             ),
             (None, Some(remote)) => {
-                let bt: Arc<str> = match (&self.bt, &remote.bt) {
-                    (_, Some(inherited)) => inherited.as_str().into(),
-                    (Some(named), None) => named.as_ref().into(),
-                    (None, None) => self.operation.as_ref().into(),
+                let bt = match (&self.bt, remote.bt) {
+                    (_, Some(inherited)) => SharedName::Shared(inherited.into()),
+                    (Some(named), None) => SharedName::new(named),
+                    (None, None) => SharedName::new(&self.operation),
                 };
                 let caller = match (remote.caller_service, remote.caller_operation) {
                     (Some(s), o) => Some(Box::new((s, o.unwrap_or_default()))),
@@ -167,20 +206,20 @@ impl SpanBuilder {
                     remote.parent_span_id,
                     remote.sampled,
                     bt,
-                    self.operation.as_ref().into(),
+                    SharedName::new(&self.operation),
                     caller,
                     true,
                 )
             }
             (None, None) => {
-                let bt: Arc<str> = self.bt.as_deref().unwrap_or(&self.operation).into();
+                let bt = SharedName::new(self.bt.as_ref().unwrap_or(&self.operation));
                 let sampled = ids::sample(agent.sampling_ratio());
                 (
                     ids::trace_id(),
                     0,
                     sampled,
                     bt,
-                    self.operation.as_ref().into(),
+                    SharedName::new(&self.operation),
                     None,
                     true,
                 )
@@ -366,8 +405,12 @@ pub(crate) fn current_context() -> Option<Current> {
 }
 
 fn flush(buffer: &mut Vec<Finished>) {
-    let batch = std::mem::replace(buffer, Vec::with_capacity(16));
-    if let Some(agent) = agent::get() {
-        agent.hand_off(batch);
+    match agent::get() {
+        Some(agent) => {
+            // A recycled buffer: growing a fresh one per hand-off cost more than the spans.
+            let batch = std::mem::replace(buffer, agent.spare_buffer());
+            agent.hand_off(batch);
+        }
+        None => buffer.clear(),
     }
 }
