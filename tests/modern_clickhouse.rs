@@ -47,6 +47,8 @@ fn modern_ddl_and_read_queries_run_on_current_clickhouse() {
             "search_errors": { "sql": sql(queries.search_query(window, &filter(None, None, Some(true)))), "rows": 1 },
             "search_none": { "sql": sql(queries.search_query(window, &filter(Some("auth' OR 1=1 --"), None, None))), "rows": 0 },
             "services": { "sql": sql(queries.services_query(window)), "rows": 1 },
+            "agents": { "sql": sql(queries.agents_query(window)), "rows": 0 },
+            "stuck": { "sql": sql(queries.stuck_query(1_700_000_000)), "rows": 0 },
         },
     });
     let file = tempfile::NamedTempFile::new().unwrap();

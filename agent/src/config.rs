@@ -25,6 +25,10 @@ pub struct Config {
     pub flush_interval: Duration,
     /// How often the agent says it is alive.
     pub heartbeat_interval: Duration,
+    /// Transactions open longer than this are reported as in flight ("stuck now").
+    pub inflight_threshold: Duration,
+    /// How often open transactions are checked against the threshold.
+    pub inflight_interval: Duration,
 }
 
 impl Default for Config {
@@ -39,6 +43,8 @@ impl Default for Config {
             max_pending_spans: 200_000,
             flush_interval: Duration::from_millis(500),
             heartbeat_interval: Duration::from_secs(10),
+            inflight_threshold: Duration::from_secs(2),
+            inflight_interval: Duration::from_secs(1),
         }
     }
 }

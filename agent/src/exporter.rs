@@ -20,7 +20,7 @@ use sightline_proto::{
     histogram,
     v1::{
         agent_client::AgentClient, agent_message, collector_message, AgentMessage, Attribute, Batch, Heartbeat,
-        LatencyHistogram, Resource, Span as WireSpan, SpanKind, Status as WireStatus,
+        InflightTransaction, LatencyHistogram, Resource, Span as WireSpan, SpanKind, Status as WireStatus,
     },
 };
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +29,7 @@ use tracing::{debug, warn};
 use crate::{
     agent::Agent,
     config::Config,
+    inflight,
     span::{Finished, Kind, Name, SharedName},
 };
 
@@ -182,6 +183,7 @@ impl Exporter {
         let mut drain = tokio::time::interval(DRAIN_INTERVAL);
         let mut flush = tokio::time::interval(self.config.flush_interval);
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
+        let mut inflight_check = tokio::time::interval(self.config.inflight_interval);
         let mut paused_until = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -194,6 +196,11 @@ impl Exporter {
                             self.pending.push_back(batch);
                             tx.send(message).await.map_err(|_| "stream closed")?;
                         }
+                    }
+                }
+                _ = inflight_check.tick() => {
+                    if let Some(message) = self.inflight_snapshot(&mut dictionary) {
+                        tx.send(message).await.map_err(|_| "stream closed")?;
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -404,6 +411,43 @@ impl Exporter {
                 inflight: vec![],
             })),
         }
+    }
+
+    /// Transactions open longer than the threshold, with the call each is inside. Sent once and
+    /// not kept: a snapshot is about now, and an old one must not be resent after a reconnect.
+    fn inflight_snapshot(&mut self, dictionary: &mut Dictionary) -> Option<AgentMessage> {
+        let now = crate::clock::unix_ns(crate::clock::now_raw());
+        let threshold = self.config.inflight_threshold.as_nanos() as u64;
+        let stuck = inflight::older_than(now.saturating_sub(threshold));
+        if stuck.is_empty() {
+            return None;
+        }
+        dictionary.added.clear();
+        let resource = self.resource(dictionary);
+        let inflight = stuck
+            .iter()
+            .map(|(slot, call)| InflightTransaction {
+                trace_id: slot.trace_id.to_be_bytes().to_vec(),
+                span_id: slot.span_id,
+                business_transaction: dictionary.id(&slot.bt),
+                operation: dictionary.id(&slot.operation),
+                start_unix_nanos: slot.start_unix_ns,
+                current_span_operation: call.as_ref().map_or(0, |c| dictionary.id(&c.0)),
+                current_span_peer: call.as_ref().map_or(0, |c| dictionary.id(&c.1)),
+            })
+            .collect();
+        // An id of its own, never pending: its acknowledgement matches nothing.
+        self.next_batch_id += 1;
+        Some(AgentMessage {
+            body: Some(agent_message::Body::Batch(Batch {
+                batch_id: self.next_batch_id,
+                new_strings: std::mem::take(&mut dictionary.added),
+                resource: Some(resource),
+                spans: vec![],
+                histograms: vec![],
+                inflight,
+            })),
+        })
     }
 
     fn heartbeat(&self, dictionary: &mut Dictionary) -> AgentMessage {

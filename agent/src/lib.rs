@@ -44,6 +44,7 @@ mod clock;
 mod config;
 mod exporter;
 pub mod future;
+mod inflight;
 pub mod propagation;
 mod span;
 

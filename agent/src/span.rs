@@ -11,6 +11,7 @@ use std::{borrow::Cow, cell::RefCell, sync::Arc};
 use crate::{
     agent,
     clock::{self, ids},
+    inflight::{self, InflightSlot},
     propagation::RemoteContext,
 };
 
@@ -83,6 +84,8 @@ pub(crate) struct Current {
     pub bt: SharedName,
     /// The operation of this thread's entry span: the "caller operation" downstream.
     pub entry_operation: SharedName,
+    /// The open transaction this span belongs to, for in-flight snapshots.
+    pub inflight: Option<Arc<InflightSlot>>,
 }
 
 /// A finished span on its way to the exporter.
@@ -228,24 +231,48 @@ impl SpanBuilder {
         if !sampled && !entry {
             return Span { data: None };
         }
+        let span_id = ids::next_u64();
+        let start_raw = clock::now_raw();
+        let inflight = if entry {
+            let slot = Arc::new(InflightSlot {
+                trace_id,
+                span_id,
+                bt: bt.clone(),
+                operation: entry_operation.clone(),
+                start_unix_ns: clock::unix_ns(start_raw),
+                current_call: std::sync::Mutex::new(None),
+            });
+            inflight::register(slot.clone());
+            Some(slot)
+        } else {
+            let slot = parent.and_then(|p| p.inflight);
+            if let (Kind::Client, Some(slot)) = (self.kind, &slot) {
+                if let Ok(mut call) = slot.current_call.lock() {
+                    *call = Some((self.operation.clone(), self.peer.clone()));
+                }
+            }
+            slot
+        };
         Span {
             data: Some(SpanData {
                 current: Current {
                     trace_id,
-                    span_id: ids::next_u64(),
+                    span_id,
                     sampled,
                     bt,
                     entry_operation,
+                    inflight,
                 },
                 parent_span_id,
                 operation: self.operation,
                 kind: self.kind,
                 component: self.component,
                 peer: self.peer,
-                start_raw: clock::now_raw(),
+                start_raw,
                 attributes: Vec::new(),
                 error: None,
                 caller,
+                entry,
             }),
         }
     }
@@ -272,6 +299,8 @@ struct SpanData {
     attributes: Vec<(Name, String)>,
     error: Option<Box<(Name, String)>>,
     caller: Option<Box<(String, String)>>,
+    /// The entry span of its service: registered as an open transaction while it runs.
+    entry: bool,
 }
 
 /// A running span; it ends when dropped. Disabled (free) when the agent is not running or the
@@ -328,6 +357,13 @@ impl Drop for Span {
     fn drop(&mut self) {
         let Some(data) = self.data.take() else { return };
         let end_raw = clock::now_raw();
+        if data.entry {
+            inflight::unregister(data.current.span_id);
+        } else if let (Kind::Client, Some(slot)) = (data.kind, &data.current.inflight) {
+            if let Ok(mut call) = slot.current_call.lock() {
+                *call = None;
+            }
+        }
         let finished = Finished {
             trace_id: data.current.trace_id,
             span_id: data.current.span_id,

@@ -21,7 +21,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use crate::{
     config::Limits,
     metrics::{Metrics, ReasonLabel, ReceiverLabel},
-    store::writer::{WriteBatch, WriterHandle},
+    store::{
+        rows::{HeartbeatRow, InflightRow},
+        writer::{WriteBatch, WriterHandle},
+    },
 };
 use aggregate::LatencyAggregates;
 
@@ -86,7 +89,13 @@ impl Pipeline {
             )));
         }
         let mut conversion = otlp::convert(request, &self.limits, now_ns());
-        self.accept(receiver, &mut conversion, LatencyAggregates::default(), true)
+        self.accept(
+            receiver,
+            &mut conversion,
+            LatencyAggregates::default(),
+            Vec::new(),
+            true,
+        )
     }
 
     /// Takes one sightline.v1 batch through the pipeline. The agent's histograms, which count
@@ -97,12 +106,24 @@ impl Pipeline {
         batch: sightline_proto::v1::Batch,
         dictionary: &mut native::Dictionary,
     ) -> Result<Accepted, NativeError> {
-        let (mut conversion, latency) =
-            native::convert(batch, dictionary, &self.limits, now_ns()).map_err(|native::BrokenStream(m)| {
-                self.metrics.reject_request(receiver, "broken_stream");
-                NativeError::BrokenStream(m)
-            })?;
-        Ok(self.accept(receiver, &mut conversion, latency, false)?)
+        let native::NativeBatch {
+            mut conversion,
+            latency,
+            inflight,
+        } = native::convert(batch, dictionary, &self.limits, now_ns()).map_err(|native::BrokenStream(m)| {
+            self.metrics.reject_request(receiver, "broken_stream");
+            NativeError::BrokenStream(m)
+        })?;
+        Ok(self.accept(receiver, &mut conversion, latency, inflight, false)?)
+    }
+
+    /// An agent's heartbeat, stored with the rest (batched by the writer). A full queue loses
+    /// it: the next one comes in seconds.
+    pub fn ingest_heartbeat(&self, heartbeat: HeartbeatRow) {
+        let _ = self.writer.try_submit(WriteBatch {
+            heartbeats: vec![heartbeat],
+            ..WriteBatch::default()
+        });
     }
 
     /// Counts rejections, names BTs, aggregates (unless the sender already did) and hands the
@@ -112,6 +133,7 @@ impl Pipeline {
         receiver: &'static str,
         conversion: &mut otlp::Conversion,
         mut latency: LatencyAggregates,
+        inflight: Vec<InflightRow>,
         aggregate_spans: bool,
     ) -> Result<Accepted, IngestError> {
         self.metrics.truncated_values.inc_by(conversion.truncated);
@@ -123,7 +145,7 @@ impl Pipeline {
         }
         let rejected = conversion.rejected_total();
         let message = conversion.first_rejection.take().unwrap_or_default();
-        if conversion.spans.is_empty() && latency.is_empty() {
+        if conversion.spans.is_empty() && latency.is_empty() && inflight.is_empty() {
             return if rejected > 0 {
                 self.metrics.reject_request(receiver, "all_spans_invalid");
                 Err(IngestError::Invalid(format!(
@@ -143,7 +165,16 @@ impl Pipeline {
             latency.merge(LatencyAggregates::from_spans(&spans));
         }
         let accepted = spans.len() as u64;
-        if self.writer.try_submit(WriteBatch { spans, latency }).is_err() {
+        if self
+            .writer
+            .try_submit(WriteBatch {
+                spans,
+                latency,
+                inflight,
+                ..WriteBatch::default()
+            })
+            .is_err()
+        {
             self.metrics.reject_request(receiver, "queue_full");
             return Err(IngestError::Busy(RETRY_AFTER));
         }

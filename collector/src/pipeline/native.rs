@@ -17,6 +17,7 @@ use super::{
 use crate::{
     config::Limits,
     model::{Span, SpanKind, SpanStatus},
+    store::rows::InflightRow,
 };
 
 /// Strings one stream may define; past it the stream is refused (an agent's names are bounded).
@@ -51,12 +52,20 @@ impl Dictionary {
 #[derive(Debug, PartialEq, Eq)]
 pub struct BrokenStream(pub String);
 
+/// What one batch becomes.
+#[derive(Debug, Default)]
+pub struct NativeBatch {
+    pub conversion: Conversion,
+    pub latency: LatencyAggregates,
+    pub inflight: Vec<InflightRow>,
+}
+
 pub fn convert(
     batch: Batch,
     dictionary: &mut Dictionary,
     limits: &Limits,
     now_ns: u64,
-) -> Result<(Conversion, LatencyAggregates), BrokenStream> {
+) -> Result<NativeBatch, BrokenStream> {
     if dictionary.strings.len() + batch.new_strings.len() > MAX_DICTIONARY {
         return Err(BrokenStream(format!(
             "the stream defines more than {MAX_DICTIONARY} strings"
@@ -137,8 +146,35 @@ pub fn convert(
             },
         );
     }
+    let snapshot_time = (now_ns / 1_000_000_000) as u32;
+    let mut inflight = Vec::with_capacity(batch.inflight.len());
+    for t in batch.inflight {
+        let Ok(trace_id) = <[u8; 16]>::try_from(t.trace_id.as_slice()) else {
+            out.reject("invalid_trace_id", || {
+                "in-flight transaction with a trace id not of 16 bytes".into()
+            });
+            continue;
+        };
+        inflight.push(InflightRow {
+            snapshot_time,
+            service: service.clone(),
+            service_version: service_version.clone(),
+            instance: instance.clone(),
+            bt: name(t.business_transaction, &mut truncated)?,
+            operation: name(t.operation, &mut truncated)?,
+            trace_id,
+            span_id: t.span_id,
+            start_us: t.start_unix_nanos / 1000,
+            current_operation: name(t.current_span_operation, &mut truncated)?,
+            current_peer: name(t.current_span_peer, &mut truncated)?,
+        });
+    }
     out.truncated += truncated;
-    Ok((out, latency))
+    Ok(NativeBatch {
+        conversion: out,
+        latency,
+        inflight,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -114,7 +114,66 @@ pub struct ServiceView {
     pub last_seen: u32,
     pub versions: Vec<VersionView>,
     pub instances: Vec<InstanceView>,
+    /// Native agents of the service, by their heartbeats.
+    pub agents: Vec<AgentView>,
+    /// Transactions open past their agent's threshold now: work that is stuck before it ends.
+    pub stuck: Vec<StuckView>,
 }
+
+/// An agent's last heartbeat. `status` is `silent` after three missed heartbeats.
+#[derive(Debug, Clone, Row, Deserialize, Serialize, PartialEq)]
+pub struct AgentView {
+    #[serde(skip_serializing)]
+    pub service: String,
+    pub instance: String,
+    pub version: String,
+    pub last_heartbeat: u32,
+    pub dropped_spans: u64,
+    pub queue_depth: u64,
+    #[serde(skip_deserializing)]
+    pub status: &'static str,
+}
+
+/// A transaction an agent reported open past its threshold in the last few seconds.
+#[derive(Debug, Clone, Row, Deserialize, Serialize, PartialEq)]
+pub struct StuckView {
+    #[serde(skip_serializing)]
+    pub service: String,
+    pub instance: String,
+    pub span_id: u64,
+    pub bt: String,
+    pub operation: String,
+    pub trace_id: String,
+    pub start_us: u64,
+    /// The call it is inside (operation, peer); empty when unknown.
+    pub current_operation: String,
+    pub current_peer: String,
+    pub last_seen: u32,
+    #[serde(skip_deserializing)]
+    pub elapsed_ms: u64,
+}
+
+/// Heartbeats older than this mark an agent silent (three missed at the default 10 s).
+pub const SILENT_AFTER_SECS: u32 = 30;
+/// Snapshots newer than this count as "stuck now".
+pub const STUCK_FRESH_SECS: u64 = 5;
+
+pub const AGENTS_SQL: &str = "SELECT service, instance, argMax(service_version, time) AS agent_version,
+  toUInt32(max(time)) AS last_heartbeat, argMax(dropped_spans, time) AS agent_dropped,
+  argMax(queue_depth, time) AS agent_queue
+FROM agent_heartbeats
+WHERE time >= toDateTime(?) AND time < toDateTime(?)
+GROUP BY service, instance
+ORDER BY service, instance";
+
+pub const STUCK_SQL: &str = "SELECT service, instance, span_id, argMax(bt, snapshot_time) AS stuck_bt,
+  argMax(operation, snapshot_time) AS stuck_operation, lower(hex(argMax(trace_id, snapshot_time))) AS stuck_trace,
+  min(start_us) AS stuck_start_us, argMax(current_operation, snapshot_time) AS stuck_call,
+  argMax(current_peer, snapshot_time) AS stuck_peer, toUInt32(max(snapshot_time)) AS stuck_seen
+FROM inflight
+WHERE snapshot_time >= toDateTime(?)
+GROUP BY service, instance, span_id
+ORDER BY stuck_start_us";
 
 /// A version of a service; `first_seen` (Unix seconds, minute resolution) is its deployment
 /// marker.
@@ -212,12 +271,7 @@ impl Queries {
         let mut services: Vec<ServiceView> = Vec::new();
         for r in records {
             if services.last().is_none_or(|s| s.name != r.service) {
-                services.push(ServiceView {
-                    name: r.service.clone(),
-                    last_seen: 0,
-                    versions: vec![],
-                    instances: vec![],
-                });
+                services.push(ServiceView::new(r.service.clone()));
             }
             let service = services.last_mut().expect("pushed above");
             service.last_seen = service.last_seen.max(r.last_seen);
@@ -241,10 +295,40 @@ impl Queries {
                 last_seen: r.last_seen,
             });
         }
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let now_s = now_us / 1_000_000;
+        let agents: Vec<AgentView> = self.agents_query(window).fetch_all().await?;
+        let stuck: Vec<StuckView> = self.stuck_query(now_s).fetch_all().await?;
+        for mut agent in agents {
+            let silent = u64::from(agent.last_heartbeat) + u64::from(SILENT_AFTER_SECS) < now_s;
+            agent.status = if silent { "silent" } else { "ok" };
+            service_entry(&mut services, &agent.service).agents.push(agent);
+        }
+        for mut transaction in stuck {
+            transaction.elapsed_ms = now_us.saturating_sub(transaction.start_us) / 1000;
+            service_entry(&mut services, &transaction.service)
+                .stuck
+                .push(transaction);
+        }
         for service in &mut services {
             service.versions.sort_by_key(|v| v.first_seen);
         }
         Ok(services)
+    }
+
+    pub fn agents_query(&self, window: Window) -> Query {
+        self.client
+            .query(AGENTS_SQL)
+            .bind(window.from_us / 1_000_000)
+            .bind(window.to_us.div_ceil(1_000_000))
+    }
+
+    pub fn stuck_query(&self, now_s: u64) -> Query {
+        self.client
+            .query(STUCK_SQL)
+            .bind(now_s.saturating_sub(STUCK_FRESH_SECS))
     }
 
     pub async fn ping(&self) -> clickhouse::error::Result<()> {
@@ -372,4 +456,29 @@ fn waterfall(trace_id: &str, mut records: Vec<SpanRecord>) -> Vec<SpanView> {
             }
         })
         .collect()
+}
+
+impl ServiceView {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            last_seen: 0,
+            versions: vec![],
+            instances: vec![],
+            agents: vec![],
+            stuck: vec![],
+        }
+    }
+}
+
+/// The service's entry, added (in name order) when only agents or snapshots know it yet.
+fn service_entry<'a>(services: &'a mut Vec<ServiceView>, name: &str) -> &'a mut ServiceView {
+    let i = match services.binary_search_by(|s| s.name.as_str().cmp(name)) {
+        Ok(i) => i,
+        Err(i) => {
+            services.insert(i, ServiceView::new(name.to_string()));
+            i
+        }
+    };
+    &mut services[i]
 }

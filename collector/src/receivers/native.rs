@@ -22,6 +22,7 @@ use tracing::debug;
 use crate::{
     metrics::AgentLabels,
     pipeline::{native::Dictionary, IngestError, NativeError, Pipeline},
+    store::rows::HeartbeatRow,
 };
 
 const RECEIVER: &str = "native";
@@ -107,6 +108,15 @@ impl Agent for NativeAgentService {
                             .agent_queue_depth
                             .get_or_create(&labels)
                             .set(heartbeat.queue_depth as i64);
+                        pipeline.ingest_heartbeat(HeartbeatRow {
+                            time: (heartbeat.unix_millis / 1000) as u32,
+                            service: labels.service,
+                            service_version: name(resource.service_version),
+                            instance: labels.instance,
+                            queue_depth: heartbeat.queue_depth,
+                            dropped_spans: heartbeat.dropped_spans,
+                            sent_spans: heartbeat.sent_spans,
+                        });
                     }
                     None => {}
                 }

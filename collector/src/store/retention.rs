@@ -10,7 +10,7 @@ use time::{macros::format_description, Date, OffsetDateTime};
 use tracing::{info, warn};
 
 /// Tables partitioned by day (`partition_id` = YYYYMMDD).
-const DAY_PARTITIONED: [&str; 3] = ["spans", "trace_index", "latency_1m"];
+const DAY_PARTITIONED: [&str; 5] = ["spans", "trace_index", "latency_1m", "agent_heartbeats", "inflight"];
 pub const INTERVAL: Duration = Duration::from_secs(3600);
 
 #[derive(Row, Deserialize)]
@@ -31,12 +31,10 @@ pub async fn drop_expired(
     let partitions: Vec<Partition> = client
         .query(
             "SELECT DISTINCT table, partition_id FROM system.parts
-             WHERE database = ? AND active AND table IN (?, ?, ?)",
+             WHERE database = ? AND active AND has(?, table)",
         )
         .bind(database)
-        .bind(DAY_PARTITIONED[0])
-        .bind(DAY_PARTITIONED[1])
-        .bind(DAY_PARTITIONED[2])
+        .bind(DAY_PARTITIONED.to_vec())
         .fetch_all()
         .await?;
     let mut dropped = Vec::new();

@@ -110,3 +110,33 @@ impl<'a> LatencyRow<'a> {
         }
     }
 }
+
+/// One row of `agent_heartbeats`.
+#[derive(Row, Serialize, Debug, Clone, PartialEq)]
+pub struct HeartbeatRow {
+    /// Unix seconds.
+    pub time: u32,
+    pub service: String,
+    pub service_version: String,
+    pub instance: String,
+    pub queue_depth: u64,
+    pub dropped_spans: u64,
+    pub sent_spans: u64,
+}
+
+/// One row of `inflight`: a transaction an agent saw open past its threshold.
+#[derive(Row, Serialize, Debug, Clone, PartialEq)]
+pub struct InflightRow {
+    /// Unix seconds.
+    pub snapshot_time: u32,
+    pub service: String,
+    pub service_version: String,
+    pub instance: String,
+    pub bt: String,
+    pub operation: String,
+    pub trace_id: [u8; 16],
+    pub span_id: u64,
+    pub start_us: u64,
+    pub current_operation: String,
+    pub current_peer: String,
+}

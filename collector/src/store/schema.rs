@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "per-minute latency aggregates",
         statements: latency_tables,
     },
+    Migration {
+        id: 3,
+        name: "agent heartbeats and in-flight transactions",
+        statements: agent_tables,
+    },
 ];
 
 pub const KIND_ENUM: &str =
@@ -217,6 +222,51 @@ fn latency_tables(d: &Ddl) -> Vec<String> {
 PARTITION BY toDate(minute)
 ORDER BY (service, minute, service_version, bt, operation, kind, status)"
     )]
+}
+
+fn agent_tables(d: &Ddl) -> Vec<String> {
+    let db = &d.database;
+    let ttl = |column: &str| {
+        if d.modern {
+            format!("\nTTL {column} + INTERVAL {} DAY", d.retention_days)
+        } else {
+            String::new()
+        }
+    };
+    let (heartbeat_ttl, inflight_ttl) = (ttl("time"), ttl("snapshot_time"));
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.agent_heartbeats (
+  time DateTime,
+  service LowCardinality(String),
+  service_version LowCardinality(String),
+  instance LowCardinality(String),
+  queue_depth UInt64,
+  dropped_spans UInt64,
+  sent_spans UInt64
+) ENGINE = MergeTree
+PARTITION BY toDate(time)
+ORDER BY (service, instance, time){heartbeat_ttl}"
+        ),
+        // Transactions open longer than an agent's threshold, as each snapshot saw them.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.inflight (
+  snapshot_time DateTime,
+  service LowCardinality(String),
+  service_version LowCardinality(String),
+  instance LowCardinality(String),
+  bt LowCardinality(String),
+  operation LowCardinality(String),
+  trace_id FixedString(16),
+  span_id UInt64,
+  start_us UInt64,
+  current_operation String,
+  current_peer String
+) ENGINE = MergeTree
+PARTITION BY toDate(snapshot_time)
+ORDER BY (service, snapshot_time){inflight_ttl}"
+        ),
+    ]
 }
 
 /// Every statement of every migration, in order (for checks against other servers).

@@ -17,7 +17,7 @@ use tokio::{
 };
 use tracing::{error, warn};
 
-use super::rows::{LatencyRow, SpanRow};
+use super::rows::{HeartbeatRow, InflightRow, LatencyRow, SpanRow};
 use crate::{
     config::WriterConfig,
     metrics::{Metrics, ReasonLabel, TableLabel},
@@ -26,9 +26,12 @@ use crate::{
 };
 
 /// What one receiver request contributes.
+#[derive(Default)]
 pub struct WriteBatch {
     pub spans: Vec<Span>,
     pub latency: LatencyAggregates,
+    pub heartbeats: Vec<HeartbeatRow>,
+    pub inflight: Vec<InflightRow>,
 }
 
 /// The queue is full: the sender should retry after a while.
@@ -59,6 +62,8 @@ impl WriterHandle {
 enum InsertJob {
     Spans(Vec<Span>),
     Latency(Vec<(LatencyKey, LatencyValue)>),
+    Heartbeats(Vec<HeartbeatRow>),
+    Inflight(Vec<InflightRow>),
 }
 
 /// Starts the batcher and inserters. They run until every `WriterHandle` is dropped, then
@@ -100,6 +105,7 @@ async fn batcher(
     let interval = config.flush_interval();
     let mut spans: Vec<Span> = Vec::new();
     let mut latency = LatencyAggregates::default();
+    let (mut heartbeats, mut inflight) = (Vec::new(), Vec::new());
     let mut deadline: Option<Instant> = None;
     loop {
         let received = match deadline {
@@ -118,6 +124,8 @@ async fn batcher(
                 }
                 spans.extend(batch.spans);
                 latency.merge(batch.latency);
+                heartbeats.extend(batch.heartbeats);
+                inflight.extend(batch.inflight);
                 deadline.get_or_insert_with(|| Instant::now() + interval);
                 // A batch may end up a request's worth over batch_rows: cheaper than splitting.
                 if spans.len() >= config.batch_rows
@@ -134,6 +142,22 @@ async fn batcher(
                 }
                 let rows = latency.drain();
                 if !rows.is_empty() && jobs.send(InsertJob::Latency(rows)).await.is_err() {
+                    return;
+                }
+                if !heartbeats.is_empty()
+                    && jobs
+                        .send(InsertJob::Heartbeats(std::mem::take(&mut heartbeats)))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                if !inflight.is_empty()
+                    && jobs
+                        .send(InsertJob::Inflight(std::mem::take(&mut inflight)))
+                        .await
+                        .is_err()
+                {
                     return;
                 }
                 deadline = None;
@@ -163,6 +187,8 @@ async fn inserter(
         let (table, rows) = match &job {
             InsertJob::Spans(spans) => ("spans", spans.len()),
             InsertJob::Latency(rows) => ("latency_1m", rows.len()),
+            InsertJob::Heartbeats(rows) => ("agent_heartbeats", rows.len()),
+            InsertJob::Inflight(rows) => ("inflight", rows.len()),
         };
         let label = TableLabel { table };
         let mut attempt = 0;
@@ -172,6 +198,8 @@ async fn inserter(
             let result = match &job {
                 InsertJob::Spans(spans) => insert_spans(&client, spans).await,
                 InsertJob::Latency(rows) => insert_latency(&client, rows).await,
+                InsertJob::Heartbeats(rows) => insert_owned(&client, "agent_heartbeats", rows).await,
+                InsertJob::Inflight(rows) => insert_owned(&client, "inflight", rows).await,
             };
             match result {
                 Ok(()) => {
@@ -230,6 +258,21 @@ async fn insert_latency(client: &Client, rows: &[(LatencyKey, LatencyValue)]) ->
         .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
     for (key, value) in rows {
         insert.write(&LatencyRow::new(key, value)).await?;
+    }
+    insert.end().await
+}
+
+async fn insert_owned<T: clickhouse::RowOwned + clickhouse::RowWrite>(
+    client: &Client,
+    table: &str,
+    rows: &[T],
+) -> clickhouse::error::Result<()> {
+    let mut insert = client
+        .insert::<T>(table)
+        .await?
+        .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
+    for row in rows {
+        insert.write(row).await?;
     }
     insert.end().await
 }
