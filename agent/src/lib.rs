@@ -47,6 +47,7 @@ pub mod future;
 mod inflight;
 pub mod propagation;
 mod span;
+pub mod tower;
 
 use std::{sync::atomic::Ordering, thread::JoinHandle};
 

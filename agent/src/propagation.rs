@@ -6,7 +6,10 @@
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 
-use crate::{agent, span};
+use crate::{
+    agent,
+    span::{self, Current, Span},
+};
 
 pub const TRACEPARENT: &str = "traceparent";
 pub const BAGGAGE: &str = "baggage";
@@ -72,8 +75,21 @@ pub fn extract<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<RemoteContex
 
 /// Writes `traceparent` and `baggage` for the current span through `set`. Does nothing outside
 /// a span.
-pub fn inject(mut set: impl FnMut(&'static str, String)) {
-    let Some(current) = span::current_context() else { return };
+pub fn inject(set: impl FnMut(&'static str, String)) {
+    if let Some(current) = span::current_context() {
+        write(&current, set);
+    }
+}
+
+/// Writes `traceparent` and `baggage` naming `span` as the parent: for a client span that is
+/// not (or not yet) current, such as a call made by a middleware.
+pub fn inject_from(span: &Span, set: impl FnMut(&'static str, String)) {
+    if let Some(current) = span.current() {
+        write(current, set);
+    }
+}
+
+fn write(current: &Current, mut set: impl FnMut(&'static str, String)) {
     let flags = if current.sampled { "01" } else { "00" };
     set(
         TRACEPARENT,

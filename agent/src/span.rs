@@ -165,6 +165,13 @@ impl SpanBuilder {
         self
     }
 
+    /// Names the business transaction this span starts (for an entry span). Ignored when the
+    /// caller already named one in baggage: downstream services serve the caller's BT.
+    pub fn business_transaction(mut self, name: impl Into<Name>) -> Self {
+        self.bt = Some(name.into());
+        self
+    }
+
     /// Continues a trace that came from another service (see [`crate::propagation::extract`]).
     pub fn child_of(mut self, remote: Option<RemoteContext>) -> Self {
         self.remote = remote;

@@ -1,0 +1,281 @@
+//! Tower layers: [`ServerLayer`] for servers built on tower (axum, hyper, tonic) and
+//! [`ClientLayer`] for clients that are tower services (hyper-util's client, tonic channels).
+//!
+//! ```no_run
+//! # #[cfg(feature = "axum")] {
+//! let app: axum::Router = axum::Router::new()
+//!     .route("/login", axum::routing::post(|| async { "ok" }))
+//!     .layer(sightline::tower::ServerLayer::new().naming(|op| (op == "POST /login").then(|| "Login".into())));
+//! # }
+//! ```
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderValue, Request, Response};
+use tower::{Layer, Service};
+
+use crate::{
+    propagation,
+    span::{self, Kind, Name, Span, SpanBuilder},
+};
+
+type NamingRule = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Starts a business transaction per request: context from `traceparent`/`baggage`, the
+/// operation from the route template (axum, with the `axum` feature) or the gRPC method, never
+/// the raw URL. Responses with status 5xx, or a gRPC error status, mark it failed.
+#[derive(Clone, Default)]
+pub struct ServerLayer {
+    naming: Option<NamingRule>,
+}
+
+impl ServerLayer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A naming rule: from the operation (`POST /login`, `/chat.Agent/Accept`) to the business
+    /// transaction (`Login`). Operations it does not name are their own BT.
+    pub fn naming(mut self, rule: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
+        self.naming = Some(Arc::new(rule));
+        self
+    }
+}
+
+impl<S> Layer<S> for ServerLayer {
+    type Service = ServerService<S>;
+
+    fn layer(&self, inner: S) -> ServerService<S> {
+        ServerService {
+            inner,
+            naming: self.naming.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ServerService<S> {
+    inner: S,
+    naming: Option<NamingRule>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ServerService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: std::fmt::Display,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Traced<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let remote = propagation::extract(|name| request.headers().get(name).and_then(|v| v.to_str().ok()));
+        let operation = server_operation(&request);
+        let bt = self.naming.as_ref().and_then(|rule| rule(&operation));
+        let mut builder = SpanBuilder::new(operation.into(), Kind::Server, None).child_of(remote);
+        if let Some(bt) = bt {
+            builder = builder.business_transaction(bt);
+        }
+        let span = builder.start();
+        // The handler's synchronous part runs inside `call`: make the span current for it too.
+        let id = span.current().map(|c| {
+            span::push(c.clone());
+            c.span_id
+        });
+        let future = self.inner.call(request);
+        if let Some(id) = id {
+            span::pop(id);
+        }
+        Traced {
+            future,
+            span: Some(span),
+        }
+    }
+}
+
+/// Records a call out: a client span with its peer, and the context injected from that span
+/// so the callee's entry span is its child.
+#[derive(Clone)]
+pub struct ClientLayer {
+    component: Name,
+    peer: Option<Name>,
+}
+
+impl Default for ClientLayer {
+    fn default() -> Self {
+        Self {
+            component: Name::Borrowed("http"),
+            peer: None,
+        }
+    }
+}
+
+impl ClientLayer {
+    /// Calls over HTTP; the peer defaults to the request's host.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Calls over gRPC (tonic channels); name the peer, since channel requests carry no host.
+    pub fn grpc(peer: impl Into<Name>) -> Self {
+        Self {
+            component: Name::Borrowed("grpc"),
+            peer: Some(peer.into()),
+        }
+    }
+
+    /// The service or system called (`auth`, `payments-api`), instead of the host.
+    pub fn peer(mut self, peer: impl Into<Name>) -> Self {
+        self.peer = Some(peer.into());
+        self
+    }
+}
+
+impl<S> Layer<S> for ClientLayer {
+    type Service = ClientService<S>;
+
+    fn layer(&self, inner: S) -> ClientService<S> {
+        ClientService {
+            inner,
+            component: self.component.clone(),
+            peer: self.peer.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ClientService<S> {
+    inner: S,
+    component: Name,
+    peer: Option<Name>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ClientService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: std::fmt::Display,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Traced<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let operation = if is_grpc(&request) {
+            request.uri().path().to_string()
+        } else {
+            request.method().to_string()
+        };
+        let peer = self
+            .peer
+            .clone()
+            .unwrap_or_else(|| Name::Owned(request.uri().host().unwrap_or_default().to_string()));
+        let span = crate::span(operation).client(self.component.clone(), peer).start();
+        let headers = request.headers_mut();
+        propagation::inject_from(&span, |name, value| {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        });
+        Traced {
+            future: self.inner.call(request),
+            span: Some(span),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response future inside its span; the span ends with the response and records its status.
+    pub struct Traced<F> {
+        #[pin]
+        future: F,
+        span: Option<Span>,
+    }
+}
+
+impl<F, B, E> Future for Traced<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: std::fmt::Display,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let id = this.span.as_ref().and_then(|s| s.current()).map(|c| {
+            span::push(c.clone());
+            c.span_id
+        });
+        let result = this.future.poll(cx);
+        if let Some(id) = id {
+            span::pop(id);
+        }
+        if let Poll::Ready(outcome) = &result {
+            if let Some(mut span) = this.span.take() {
+                record_outcome(&mut span, outcome);
+            }
+        }
+        result
+    }
+}
+
+fn record_outcome<B, E: std::fmt::Display>(span: &mut Span, outcome: &Result<Response<B>, E>) {
+    match outcome {
+        Ok(response) => {
+            let status = response.status();
+            span.set_attribute("http.response.status_code", status.as_u16());
+            let grpc_status = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("0");
+            if status.is_server_error() {
+                span.set_error(
+                    format!("HTTP {}", status.as_u16()),
+                    status.canonical_reason().unwrap_or(""),
+                );
+            } else if grpc_status != "0" {
+                let message = response
+                    .headers()
+                    .get("grpc-message")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                span.set_error(format!("gRPC {grpc_status}"), message);
+            }
+        }
+        Err(e) => span.set_error("transport", e),
+    }
+}
+
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// A bounded operation name: the gRPC method, the route template, or the method alone.
+fn server_operation<B>(request: &Request<B>) -> String {
+    if is_grpc(request) {
+        return request.uri().path().to_string();
+    }
+    #[cfg(feature = "axum")]
+    if let Some(route) = request.extensions().get::<axum::extract::MatchedPath>() {
+        return format!("{} {}", request.method(), route.as_str());
+    }
+    // Raw paths carry ids and would make names unbounded: without a template, the method only.
+    request.method().to_string()
+}
