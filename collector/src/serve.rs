@@ -84,7 +84,7 @@ impl Collector {
         let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc = tonic::transport::Server::builder()
             .add_service(OtlpTraceService::new(pipeline.clone()))
-            .add_service(NativeAgentService::server(pipeline.clone()));
+            .add_service(NativeAgentService::server(pipeline.clone(), stop.subscribe()));
         servers.spawn(async move { Ok(grpc.serve_with_incoming_shutdown(incoming, signal(stopped)).await?) });
         let http_app = otlp_http::router(pipeline);
         let stopped = stop.subscribe();
@@ -142,10 +142,19 @@ impl Collector {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         self.background.shutdown().await;
-        while let Some(result) = self.servers.join_next().await {
-            if let Ok(Err(e)) = result {
-                warn!("server ended with error: {e:#}");
+        // Connections get a bounded time to finish; a client that keeps one open must not
+        // keep the collector (and the data it holds) from shutting down.
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(result) = self.servers.join_next().await {
+                if let Ok(Err(e)) = result {
+                    warn!("server ended with error: {e:#}");
+                }
             }
+        })
+        .await;
+        if drained.is_err() {
+            warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+            self.servers.shutdown().await;
         }
         // The servers held the last pipeline handles; with them gone the writer drains.
         while self.writer.join_next().await.is_some() {}
@@ -155,6 +164,9 @@ impl Collector {
         Ok(())
     }
 }
+
+/// How long shutdown waits for open connections.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)

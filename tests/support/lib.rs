@@ -24,19 +24,32 @@ impl HttpResponse {
 }
 
 pub async fn request(method: &str, url: &str, content_type: Option<&str>, body: Vec<u8>) -> HttpResponse {
+    try_request(method, url, content_type, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// Like [`request`], with connection errors returned (for waiting until a server is up).
+pub async fn try_request(
+    method: &str,
+    url: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Result<HttpResponse, hyper_util::client::legacy::Error> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut builder = http::Request::builder().method(method).uri(url);
     if let Some(ct) = content_type {
         builder = builder.header(http::header::CONTENT_TYPE, ct);
     }
-    let response = client
-        .request(builder.body(Full::new(Bytes::from(body))).expect("valid request"))
+    // No request in a test may hang it: 30 s is far beyond any answer a test waits for.
+    let pending = client.request(builder.body(Full::new(Bytes::from(body))).expect("valid request"));
+    let response = tokio::time::timeout(Duration::from_secs(30), pending)
         .await
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        .unwrap_or_else(|_| panic!("{method} {url}: no answer within 30 s"))?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let body = response.into_body().collect().await.expect("body").to_bytes();
-    HttpResponse { status, headers, body }
+    Ok(HttpResponse { status, headers, body })
 }
 
 pub async fn get(url: &str) -> HttpResponse {

@@ -14,7 +14,7 @@ use sightline_proto::v1::{
     agent_server::{Agent, AgentServer},
     collector_message, Ack, AgentMessage, Backpressure, CollectorMessage,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
@@ -29,13 +29,16 @@ const RECEIVER: &str = "native";
 
 pub struct NativeAgentService {
     pipeline: Pipeline,
+    stopping: watch::Receiver<bool>,
 }
 
 impl NativeAgentService {
-    /// The service, with the collector's request size limit on each message.
-    pub fn server(pipeline: Pipeline) -> AgentServer<Self> {
+    /// The service, with the collector's request size limit on each message. Streams end when
+    /// `stopping` turns true: an agent's stream never ends by itself, and a graceful shutdown
+    /// waits for every stream.
+    pub fn server(pipeline: Pipeline, stopping: watch::Receiver<bool>) -> AgentServer<Self> {
         let max = pipeline.limits().max_request_bytes;
-        AgentServer::new(Self { pipeline }).max_decoding_message_size(max)
+        AgentServer::new(Self { pipeline, stopping }).max_decoding_message_size(max)
     }
 }
 
@@ -49,11 +52,16 @@ impl Agent for NativeAgentService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<CollectorMessage, Status>>(64);
         let pipeline = self.pipeline.clone();
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let mut dictionary = Dictionary::default();
             let reply = |body| Ok(CollectorMessage { body: Some(body) });
             loop {
-                let message = match inbound.message().await {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                };
+                let message = match next {
                     Ok(Some(message)) => message,
                     Ok(None) => return,
                     Err(status) => {
