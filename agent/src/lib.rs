@@ -48,6 +48,8 @@ mod inflight;
 pub mod propagation;
 mod span;
 pub mod tower;
+#[cfg(feature = "tracing-layer")]
+pub mod tracing_layer;
 
 use std::{sync::atomic::Ordering, thread::JoinHandle};
 

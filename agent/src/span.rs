@@ -131,6 +131,8 @@ pub struct SpanBuilder {
     peer: Name,
     bt: Option<Name>,
     remote: Option<RemoteContext>,
+    /// A parent given explicitly instead of this thread's current span.
+    parent: Option<Current>,
 }
 
 impl SpanBuilder {
@@ -142,6 +144,7 @@ impl SpanBuilder {
             peer: Cow::Borrowed(""),
             bt,
             remote: None,
+            parent: None,
         }
     }
 
@@ -172,6 +175,12 @@ impl SpanBuilder {
         self
     }
 
+    /// Starts the span under `parent` rather than under this thread's current span.
+    pub(crate) fn parent(mut self, parent: Option<Current>) -> Self {
+        self.parent = parent;
+        self
+    }
+
     /// Continues a trace that came from another service (see [`crate::propagation::extract`]).
     pub fn child_of(mut self, remote: Option<RemoteContext>) -> Self {
         self.remote = remote;
@@ -180,16 +189,20 @@ impl SpanBuilder {
 
     /// Starts the span without entering it: for async work (see [`Span::instrument`]) or when
     /// the guard moves across threads.
-    pub fn start(self) -> Span {
+    pub fn start(mut self) -> Span {
         let Some(agent) = agent::get() else {
             return Span { data: None };
         };
         // One look at this thread's stack: inside an unsampled trace a child is a no-op.
         let remote_given = self.remote.is_some();
-        let parent = LOCAL.with(|l| match l.borrow().stack.last() {
-            Some(c) if !c.sampled && !remote_given => Err(()),
-            other => Ok(other.cloned()),
-        });
+        let parent = match self.parent.take() {
+            Some(p) if !p.sampled => Err(()),
+            Some(p) => Ok(Some(p)),
+            None => LOCAL.with(|l| match l.borrow().stack.last() {
+                Some(c) if !c.sampled && !remote_given => Err(()),
+                other => Ok(other.cloned()),
+            }),
+        };
         let Ok(parent) = parent else { return Span { data: None } };
         let (trace_id, parent_span_id, sampled, bt, entry_operation, caller, entry) = match (&parent, self.remote) {
             (Some(p), _) => (
