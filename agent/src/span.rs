@@ -176,6 +176,7 @@ impl SpanBuilder {
     }
 
     /// Starts the span under `parent` rather than under this thread's current span.
+    #[cfg_attr(not(feature = "tracing-layer"), allow(dead_code))]
     pub(crate) fn parent(mut self, parent: Option<Current>) -> Self {
         self.parent = parent;
         self
