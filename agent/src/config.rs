@@ -41,7 +41,8 @@ impl Default for Config {
             sampling_ratio: 1.0,
             queue_batches: 65_536,
             max_pending_spans: 200_000,
-            flush_interval: Duration::from_millis(500),
+            // Small, frequent sends: one large batch every half second showed as tail latency.
+            flush_interval: Duration::from_millis(100),
             heartbeat_interval: Duration::from_secs(10),
             inflight_threshold: Duration::from_secs(2),
             inflight_interval: Duration::from_secs(1),

@@ -35,6 +35,14 @@ struct Args {
     /// The agent's sampling ratio.
     #[arg(long, default_value_t = 1.0)]
     sampling_ratio: f64,
+    /// Pin the service to this CPU and this tool (load, collector; ClickHouse inherits) to the
+    /// others, so the service does not share its core with what measures it.
+    #[arg(long)]
+    service_cpu: Option<usize>,
+    /// Send the agent's data here instead of to the bench's collector (e.g. a closed port, to
+    /// see the agent without its export work).
+    #[arg(long)]
+    agent_collector: Option<String>,
 }
 
 struct Service(Child);
@@ -90,7 +98,14 @@ async fn load(url: &str, rate: u64, duration: Duration) -> (Vec<u64>, u64) {
 
 async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::Result<Outcome> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut command = Command::new(binary);
+    let mut command = match args.service_cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu.to_string()]).arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
     command
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null());
@@ -134,6 +149,21 @@ async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(cpu) = args.service_cpu {
+        // Everything else here, and the ClickHouse child started below, on the other CPUs.
+        let others: Vec<String> = (0..std::thread::available_parallelism()?.get())
+            .filter(|&c| c != cpu)
+            .map(|c| c.to_string())
+            .collect();
+        let pid = std::process::id().to_string();
+        let status = Command::new("taskset")
+            .args(["-a", "-p", "-c", &others.join(","), &pid])
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("taskset failed");
+        }
+    }
     let binary = std::env::current_exe()?.with_file_name("hello-service");
     if !binary.exists() {
         bail!(
@@ -147,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
     let collector = Arc::new(tokio::sync::Mutex::new(Some(collector)));
 
     let bare = run(&binary, None, &args).await?;
-    let agent = run(&binary, Some(&grpc), &args).await?;
+    let agent = run(&binary, Some(args.agent_collector.as_deref().unwrap_or(&grpc)), &args).await?;
     println!(
         "service-overhead: {} requests/s for {} s per mode, agent sampling {}",
         args.rate, args.seconds, args.sampling_ratio
