@@ -12,7 +12,7 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::Value;
 use sightline::tower::{ClientLayer, ServerLayer};
 use sightline_collector::Collector;
-use sightline_tests::{eventually, get, testing};
+use sightline_tests::{eventually, get, testing, trace_with};
 use tower::{Layer, ServiceExt};
 
 async fn serve(app: Router) -> std::net::SocketAddr {
@@ -97,11 +97,7 @@ async fn layers_give_one_trace_across_two_services() {
     })
     .await;
     let trace_id = hits[0]["trace_id"].as_str().unwrap().to_string();
-    let trace: Value = eventually("its 4 spans", Duration::from_secs(20), || async {
-        let r = get(&format!("{api}/api/v1/traces/{trace_id}")).await;
-        (r.status == 200 && r.json()["spans"].as_array().unwrap().len() == 4).then(|| r.json())
-    })
-    .await;
+    let trace: Value = trace_with(&api, &trace_id, 4).await;
     let spans = trace["spans"].as_array().unwrap();
     let by_kind_op = |kind: &str, op: &str| -> &Value {
         spans

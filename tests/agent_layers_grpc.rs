@@ -12,7 +12,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use serde_json::Value;
 use sightline::tower::{ClientLayer, ServerLayer};
 use sightline_collector::Collector;
-use sightline_tests::{eventually, get, testing};
+use sightline_tests::{testing, trace_with};
 
 /// A gRPC service whose handler does a database call.
 struct Sessions;
@@ -71,11 +71,7 @@ async fn tonic_call_and_server_are_one_trace() {
         })
         .await;
 
-    let trace: Value = eventually("the 4 spans", Duration::from_secs(20), || async {
-        let r = get(&format!("{api}/api/v1/traces/{trace_id}")).await;
-        (r.status == 200 && r.json()["spans"].as_array().unwrap().len() == 4).then(|| r.json())
-    })
-    .await;
+    let trace: Value = trace_with(&api, &trace_id, 4).await;
     let spans = trace["spans"].as_array().unwrap();
     let method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
     let find = |kind: &str, op: &str| -> &Value {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sightline_collector::Collector;
-use sightline_tests::{eventually, get, metric, testing};
+use sightline_tests::{eventually, get, metric, testing, trace_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_chain_arrives_over_the_native_stream() {
@@ -67,11 +67,7 @@ async fn call_chain_arrives_over_the_native_stream() {
         .unwrap();
     }
 
-    let trace: Value = eventually("the transaction's 6 spans", Duration::from_secs(20), || async {
-        let r = get(&format!("{api}/api/v1/traces/{trace_id}")).await;
-        (r.status == 200 && r.json()["spans"].as_array().unwrap().len() == 6).then(|| r.json())
-    })
-    .await;
+    let trace: Value = trace_with(&api, &trace_id, 6).await;
     let spans = trace["spans"].as_array().unwrap();
     let find = |operation: &str, kind: &str| -> &Value {
         spans

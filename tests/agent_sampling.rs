@@ -64,21 +64,18 @@ async fn red_counts_are_exact_at_one_percent_sampling() {
             errors
         }
     );
-    let stored: u64 = ch
-        .query("SELECT count() FROM spans WHERE bt = 'SendMessage' AND kind = 'server'")
-        .fetch_one()
-        .await
-        .unwrap();
-    // 1% of 20,000 is 200; a binomial's 5 standard deviations either side is about +-70.
-    assert!(
-        (130..=270).contains(&stored),
-        "{stored} call chains stored at 1% sampling"
-    );
-    let db_spans: u64 = ch
-        .query("SELECT count() FROM spans WHERE bt = 'SendMessage' AND kind = 'client'")
-        .fetch_one()
-        .await
-        .unwrap();
+    // Spans and latency rows are separate INSERTs: wait for the sampled chains to land too.
+    let (stored, db_spans) = eventually("the sampled call chains", Duration::from_secs(20), || async {
+        let count = |kind: &'static str| {
+            ch.query("SELECT count() FROM spans WHERE bt = 'SendMessage' AND kind = ?")
+                .bind(kind)
+                .fetch_one::<u64>()
+        };
+        let (stored, db_spans) = (count("server").await.unwrap(), count("client").await.unwrap());
+        // 1% of 20,000 is 200; a binomial's 5 standard deviations either side is about +-70.
+        ((130..=270).contains(&stored) && db_spans == stored).then_some((stored, db_spans))
+    })
+    .await;
     assert_eq!(db_spans, stored, "children follow their root's sampling decision");
     assert_eq!(sightline::dropped_spans(), 0);
     drop(agent);

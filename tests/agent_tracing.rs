@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sightline::tracing_layer::SightlineLayer;
 use sightline_collector::Collector;
-use sightline_tests::{eventually, get, testing};
+use sightline_tests::{first_trace, testing, trace_with};
 use tracing_subscriber::layer::SubscriberExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,20 +38,8 @@ async fn tracing_spans_become_sightline_spans() {
         let _render = sightline::span("render page").entered();
     }
 
-    let trace_id = eventually("the Login trace", Duration::from_secs(20), || async {
-        let r = get(&format!("{api}/api/v1/traces?bt=Login")).await.json();
-        r["traces"]
-            .as_array()
-            .unwrap()
-            .first()
-            .map(|t| t["trace_id"].as_str().unwrap().to_string())
-    })
-    .await;
-    let trace: Value = eventually("its 4 spans", Duration::from_secs(20), || async {
-        let r = get(&format!("{api}/api/v1/traces/{trace_id}")).await;
-        (r.status == 200 && r.json()["spans"].as_array().unwrap().len() == 4).then(|| r.json())
-    })
-    .await;
+    let trace_id = first_trace(&api, "bt=Login").await;
+    let trace: Value = trace_with(&api, &trace_id, 4).await;
     let spans = trace["spans"].as_array().unwrap();
     let find = |op: &str| {
         spans

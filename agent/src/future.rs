@@ -6,7 +6,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use crate::span::{self, Span};
+use crate::span::Span;
 
 pin_project_lite::pin_project! {
     /// A future running inside a span; see [`Span::instrument`].
@@ -31,15 +31,10 @@ impl<F: Future> Future for Instrumented<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let entered = this.span.as_ref().and_then(|s| s.current().cloned());
-        let id = entered.as_ref().map(|c| c.span_id);
-        if let Some(current) = entered {
-            span::push(current);
-        }
-        let result = this.future.poll(cx);
-        if let Some(id) = id {
-            span::pop(id);
-        }
+        let result = match this.span.as_ref() {
+            Some(span) => span.in_scope(|| this.future.poll(cx)),
+            None => this.future.poll(cx),
+        };
         if result.is_ready() {
             // End the span as soon as its work is done, not when the wrapper is dropped.
             this.span.take();

@@ -364,6 +364,19 @@ impl Span {
         self.data.as_ref().map(|d| &d.current)
     }
 
+    /// Runs `f` with this span current on this thread: spans started inside are its children.
+    pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        let entered = self.current().map(|c| {
+            push(c.clone());
+            c.span_id
+        });
+        let result = f();
+        if let Some(id) = entered {
+            pop(id);
+        }
+        result
+    }
+
     /// Runs `future` with this span current on every poll, and ends the span when the future
     /// completes or is dropped.
     pub fn instrument<F: std::future::Future>(self, future: F) -> crate::future::Instrumented<F> {

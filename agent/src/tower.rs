@@ -21,7 +21,7 @@ use tower::{Layer, Service};
 
 use crate::{
     propagation,
-    span::{self, Kind, Name, Span, SpanBuilder},
+    span::{Kind, Name, Span, SpanBuilder},
 };
 
 type NamingRule = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -87,14 +87,7 @@ where
         }
         let span = builder.start();
         // The handler's synchronous part runs inside `call`: make the span current for it too.
-        let id = span.current().map(|c| {
-            span::push(c.clone());
-            c.span_id
-        });
-        let future = self.inner.call(request);
-        if let Some(id) = id {
-            span::pop(id);
-        }
+        let future = span.in_scope(|| self.inner.call(request));
         Traced {
             future,
             span: Some(span),
@@ -214,14 +207,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let id = this.span.as_ref().and_then(|s| s.current()).map(|c| {
-            span::push(c.clone());
-            c.span_id
-        });
-        let result = this.future.poll(cx);
-        if let Some(id) = id {
-            span::pop(id);
-        }
+        let result = match this.span.as_ref() {
+            Some(span) => span.in_scope(|| this.future.poll(cx)),
+            None => this.future.poll(cx),
+        };
         if let Poll::Ready(outcome) = &result {
             if let Some(mut span) = this.span.take() {
                 record_outcome(&mut span, outcome);

@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::Value;
 use sightline_collector::Collector;
-use sightline_tests::{eventually, get, testing};
+use sightline_tests::{eventually, first_trace, testing, trace_with};
 
 struct Service(Child);
 
@@ -65,24 +65,8 @@ async fn one_request_through_three_services_is_one_trace() {
     let r = sightline_tests::request("GET", &format!("http://127.0.0.1:{gateway_port}/send/7"), None, vec![]).await;
     assert_eq!(r.status, 201);
 
-    let trace_id = eventually("the request's trace", Duration::from_secs(20), || async {
-        let r = get(&format!(
-            "{api}/api/v1/traces?service=gateway&bt=SendMessage&from={since}"
-        ))
-        .await
-        .json();
-        r["traces"]
-            .as_array()
-            .unwrap()
-            .first()
-            .map(|t| t["trace_id"].as_str().unwrap().to_string())
-    })
-    .await;
-    let trace: Value = eventually("all 8 spans from 3 services", Duration::from_secs(20), || async {
-        let r = get(&format!("{api}/api/v1/traces/{trace_id}")).await;
-        (r.status == 200 && r.json()["spans"].as_array().unwrap().len() == 8).then(|| r.json())
-    })
-    .await;
+    let trace_id = first_trace(&api, &format!("service=gateway&bt=SendMessage&from={since}")).await;
+    let trace: Value = trace_with(&api, &trace_id, 8).await;
     let spans = trace["spans"].as_array().unwrap();
     let find = |service: &str, kind: &str, op: &str| -> &Value {
         spans

@@ -154,3 +154,28 @@ pub mod otlp {
         }
     }
 }
+
+/// Waits until the trace has exactly `spans` spans and returns `/api/v1/traces/{id}`'s JSON.
+pub async fn trace_with(api: &str, trace_id: &str, spans: usize) -> serde_json::Value {
+    eventually(
+        &format!("{spans} spans in trace {trace_id}"),
+        Duration::from_secs(20),
+        || async {
+            let r = get(&format!("{api}/api/v1/traces/{trace_id}")).await;
+            (r.status == 200 && r.json()["spans"].as_array().is_some_and(|s| s.len() == spans)).then(|| r.json())
+        },
+    )
+    .await
+}
+
+/// Waits until a trace search (`/api/v1/traces?{query}`) finds something; the first hit's id.
+pub async fn first_trace(api: &str, query: &str) -> String {
+    eventually(&format!("a trace for {query}"), Duration::from_secs(20), || async {
+        let r = get(&format!("{api}/api/v1/traces?{query}")).await.json();
+        r["traces"]
+            .as_array()?
+            .first()
+            .map(|t| t["trace_id"].as_str().unwrap_or_default().to_string())
+    })
+    .await
+}
