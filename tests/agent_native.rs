@@ -110,6 +110,27 @@ async fn call_chain_arrives_over_the_native_stream() {
     assert_eq!(downstream["attributes"]["sightline.caller.service"], "auth");
     assert_eq!(downstream["attributes"]["sightline.caller.operation"], "POST /login");
 
+    // A transaction longer than one thread buffer: its open entry span moves from buffer to
+    // buffer and still arrives whole, with what was set on it at the end.
+    let long_trace_id;
+    {
+        let mut import = sightline::transaction("Import").entered();
+        long_trace_id = import.trace_id().unwrap();
+        for _ in 0..300 {
+            let _row = sightline::span("INSERT row").client("db", "postgres:orders").entered();
+        }
+        import.set_attribute("rows", 300);
+    }
+    let long: Value = trace_with(&api, &long_trace_id, 301).await;
+    let long_spans = long["spans"].as_array().unwrap();
+    let import = long_spans.iter().find(|s| s["operation"] == "Import").unwrap();
+    assert_eq!(import["attributes"]["rows"], "300", "{import:#}");
+    let rows: Vec<_> = long_spans.iter().filter(|s| s["operation"] == "INSERT row").collect();
+    assert_eq!(rows.len(), 300);
+    assert!(rows
+        .iter()
+        .all(|r| r["parent_span_id"] == import["span_id"] && r["bt"] == "Import"));
+
     // Heartbeats arrive; nothing was dropped.
     eventually("a heartbeat", Duration::from_secs(10), || async {
         let text = String::from_utf8(get(&format!("{api}/metrics")).await.body.to_vec()).unwrap();

@@ -1,6 +1,7 @@
 //! Stuck work shows up now, not when it ends: a Login blocked for 10 s in a cache call appears
 //! in /api/v1/services within 5 s, naming the BT and the cache span, and is gone once it ends.
 //! (The seed incident: login threads blocked on a stats cache until the pool ran out.)
+//! Nothing is sampled here: stuck work must be visible whether or not its chain is recorded.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ async fn a_blocked_login_is_reported_while_it_is_blocked() {
         collector: format!("http://{}", collector.grpc_addr),
         flush_interval: Duration::from_millis(100),
         heartbeat_interval: Duration::from_millis(500),
+        sampling_ratio: 0.0,
         ..Default::default()
     })
     .unwrap();

@@ -1,27 +1,58 @@
-//! The process-wide agent: identity, the hand-off queue to the exporter, live sampling and the
-//! drop counter. Set once by [`crate::init`].
+//! The process-wide agent: identity, the per-thread rings to the exporter, live sampling and
+//! the drop counter. Set once by [`crate::init`].
+//!
+//! Each application thread gets two single-producer single-consumer rings on its first
+//! hand-off: full batches to the exporter, emptied buffers back. Pushing is a few atomic
+//! operations on memory only that thread and the exporter touch; the exporter takes the
+//! registry's lock to visit the rings, application threads only to register.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
-    OnceLock,
+    Mutex, OnceLock,
 };
 
-use crossbeam_channel::{Receiver, Sender};
+use crate::span::Batch;
 
-use crate::span::{Finished, FLUSH_AT};
-
-/// Emptied hand-off buffers kept for reuse.
-const SPARE_BUFFERS: usize = 1024;
+/// Emptied buffers waiting to go back to a thread; beyond it they are freed.
+const SPARE_BATCHES: usize = 64;
 
 pub(crate) struct Agent {
     service: String,
     pub(crate) version: String,
     pub(crate) instance: String,
-    queue: Sender<Vec<Finished>>,
-    spare_tx: Sender<Vec<Finished>>,
-    spare_rx: Receiver<Vec<Finished>>,
+    ring_batches: usize,
+    rings: Mutex<Vec<ExporterEnd>>,
     sampling_ratio_bits: AtomicU64,
     pub(crate) dropped_spans: AtomicU64,
+}
+
+/// A thread's ends of its rings.
+pub(crate) struct ThreadRing {
+    full: rtrb::Producer<Batch>,
+    spare: rtrb::Consumer<Batch>,
+}
+
+/// The exporter's ends of one thread's rings.
+struct ExporterEnd {
+    full: rtrb::Consumer<Batch>,
+    spare: rtrb::Producer<Batch>,
+}
+
+impl ThreadRing {
+    /// An emptied buffer back from the exporter, if one is there.
+    pub(crate) fn spare(&mut self) -> Option<Batch> {
+        self.spare.pop().ok()
+    }
+
+    /// Hands a batch to the exporter; never waits. A full ring (the exporter is behind) drops
+    /// the batch and counts its spans.
+    pub(crate) fn send(&mut self, batch: Batch, agent: &Agent) {
+        if let Err(rtrb::PushError::Full(batch)) = self.full.push(batch) {
+            agent
+                .dropped_spans
+                .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 static AGENT: OnceLock<Agent> = OnceLock::new();
@@ -41,17 +72,15 @@ impl Agent {
         service: String,
         version: String,
         instance: String,
-        queue: Sender<Vec<Finished>>,
+        ring_batches: usize,
         sampling_ratio: f64,
     ) -> Self {
-        let (spare_tx, spare_rx) = crossbeam_channel::bounded(SPARE_BUFFERS);
         Self {
             service,
             version,
             instance,
-            queue,
-            spare_tx,
-            spare_rx,
+            ring_batches: ring_batches.max(1),
+            rings: Mutex::new(Vec::new()),
             sampling_ratio_bits: AtomicU64::new(sampling_ratio.clamp(0.0, 1.0).to_bits()),
             dropped_spans: AtomicU64::new(0),
         }
@@ -70,25 +99,41 @@ impl Agent {
             .store(ratio.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
     }
 
-    /// An empty buffer for a thread's finished spans, recycled when one is spare.
-    pub(crate) fn spare_buffer(&self) -> Vec<Finished> {
-        self.spare_rx
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(FLUSH_AT))
-    }
-
-    /// Gives an emptied buffer back for reuse (the exporter, after draining it).
-    pub(crate) fn recycle(&self, buffer: Vec<Finished>) {
-        debug_assert!(buffer.is_empty());
-        let _ = self.spare_tx.try_send(buffer);
-    }
-
-    /// One thread's finished spans to the exporter; never waits. A full queue (the exporter
-    /// is behind) drops the batch and counts it.
-    pub(crate) fn hand_off(&self, batch: Vec<Finished>) {
-        let n = batch.len() as u64;
-        if self.queue.try_send(batch).is_err() {
-            self.dropped_spans.fetch_add(n, Ordering::Relaxed);
+    /// Rings for a thread's first hand-off.
+    pub(crate) fn new_ring(&self) -> ThreadRing {
+        let (full_tx, full_rx) = rtrb::RingBuffer::new(self.ring_batches);
+        let (spare_tx, spare_rx) = rtrb::RingBuffer::new(SPARE_BATCHES);
+        if let Ok(mut rings) = self.rings.lock() {
+            rings.push(ExporterEnd {
+                full: full_rx,
+                spare: spare_tx,
+            });
         }
+        ThreadRing {
+            full: full_tx,
+            spare: spare_rx,
+        }
+    }
+
+    /// Every batch handed off so far, to `consume` (which empties it); the emptied buffers go
+    /// back to their threads. Rings of threads that ended are dropped once drained.
+    pub(crate) fn drain(&self, mut consume: impl FnMut(&mut Batch)) {
+        let Ok(mut rings) = self.rings.lock() else { return };
+        for ring in rings.iter_mut() {
+            while let Ok(mut batch) = ring.full.pop() {
+                consume(&mut batch);
+                batch.records.clear();
+                batch.traces.clear();
+                let _ = ring.spare.push(batch);
+            }
+        }
+        rings.retain(|ring| !ring.full.is_abandoned() || !ring.full.is_empty());
+    }
+
+    /// Batches waiting in the rings.
+    pub(crate) fn queued_batches(&self) -> usize {
+        self.rings
+            .lock()
+            .map_or(0, |rings| rings.iter().map(|r| r.full.slots()).sum())
     }
 }

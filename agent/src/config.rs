@@ -14,9 +14,10 @@ pub struct Config {
     /// Share of business transactions whose call chain is recorded, 0.0..=1.0. RED figures of
     /// transactions count every request regardless. The collector may change it at run time.
     pub sampling_ratio: f64,
-    /// Hand-offs waiting for the exporter: one per finished request (or per 128 spans of a
-    /// busy thread). When full, new spans are dropped and counted: the application never waits.
-    /// The default absorbs ~65 ms of a starved exporter at a million requests a second.
+    /// Hand-offs waiting for the exporter, per application thread: one per finished request
+    /// (or per 128 spans of a busy thread). When full, new spans are dropped and counted: the
+    /// application never waits. The exporter empties the rings every 10 ms; the default
+    /// holds 10 ms of a thread serving 800,000 requests a second (48 bytes a slot).
     pub queue_batches: usize,
     /// Spans the exporter keeps while the collector is slow or away (not yet acknowledged).
     /// Past it the oldest are dropped and counted.
@@ -39,7 +40,7 @@ impl Default for Config {
             instance: String::new(),
             collector: "http://127.0.0.1:4317".into(),
             sampling_ratio: 1.0,
-            queue_batches: 65_536,
+            queue_batches: 8192,
             max_pending_spans: 200_000,
             // Small, frequent sends: one large batch every half second showed as tail latency.
             flush_interval: Duration::from_millis(100),

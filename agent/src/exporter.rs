@@ -14,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use crossbeam_channel::Receiver;
 use rustc_hash::FxHashMap;
 use sightline_proto::{
     histogram,
@@ -28,14 +27,36 @@ use tracing::{debug, warn};
 
 use crate::{
     agent::Agent,
+    clock,
     config::Config,
     inflight,
-    span::{Finished, Kind, Name, SharedName},
+    span::{self, Detail, Kind, Name, Record, SharedName},
 };
 
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 /// Spans per batch: ~1 MB on the wire, far under the collector's request limit.
 const MAX_BATCH_SPANS: usize = 8192;
+
+/// A sampled span, complete, waiting to be sent.
+struct Finished {
+    trace_id: u128,
+    span_id: u64,
+    parent_span_id: u64,
+    operation: Name,
+    kind: Kind,
+    component: Name,
+    peer: Name,
+    bt: SharedName,
+    start_unix_ns: u64,
+    duration_ns: u64,
+    detail: Option<Box<Detail>>,
+}
+
+impl Finished {
+    fn error(&self) -> Option<&(Name, String)> {
+        self.detail.as_ref().and_then(|d| d.error.as_ref())
+    }
+}
 
 /// Spans and RED not yet acknowledged; `batch_id` 0 while not yet cut into a batch.
 struct Pending {
@@ -63,6 +84,13 @@ struct RedValue {
 }
 
 impl RedValue {
+    fn record(&mut self, micros: u64, error: bool) {
+        self.calls += 1;
+        self.errors += u64::from(error);
+        self.sum_micros += micros;
+        *self.buckets.entry(histogram::bucket_of(micros)).or_insert(0) += 1;
+    }
+
     fn add(&mut self, other: RedValue) {
         self.calls += other.calls;
         self.errors += other.errors;
@@ -74,7 +102,7 @@ impl RedValue {
 }
 
 /// The stage a span's time belongs to.
-fn stage(span: &Finished) -> &'static str {
+fn stage(span: &Record) -> &'static str {
     match (span.kind, span.component.as_ref()) {
         (_, "db") => "db",
         (_, "cache") => "cache",
@@ -109,7 +137,6 @@ impl Dictionary {
 pub(crate) struct Exporter {
     config: Config,
     agent: &'static Agent,
-    queue: Receiver<Vec<Finished>>,
     pending: VecDeque<Pending>,
     pending_spans: usize,
     red: FxHashMap<RedKey, RedValue>,
@@ -118,12 +145,11 @@ pub(crate) struct Exporter {
 }
 
 impl Exporter {
-    pub(crate) fn new(config: Config, agent: &'static Agent, queue: Receiver<Vec<Finished>>) -> Self {
+    pub(crate) fn new(config: Config, agent: &'static Agent) -> Self {
         let next_batch_id = crate::clock::ids::next_u64() & 0xFFFF_FFFF_0000_0000;
         Self {
             config,
             agent,
-            queue,
             pending: VecDeque::new(),
             pending_spans: 0,
             red: FxHashMap::default(),
@@ -250,37 +276,49 @@ impl Exporter {
         }
     }
 
-    /// Takes everything from the hand-off queue: RED for all, spans kept when sampled.
+    /// Takes everything the application threads handed off: RED for all, spans kept when
+    /// sampled.
     fn collect(&mut self) {
         let mut incoming = Vec::new();
-        for mut batch in self.queue.try_iter() {
-            for mut span in batch.drain(..) {
-                let micros = span.duration_ns.div_ceil(1000);
+        let red = &mut self.red;
+        self.agent.drain(|batch: &mut span::Batch| {
+            // Holes (span id 0) are spans that were still open and moved to a later batch.
+            for mut span in batch.records.drain(..).filter(|r| r.span_id != 0) {
+                let trace = &batch.traces[span.trace as usize];
+                let start_unix_ns = clock::unix_ns(span.start_raw);
+                let duration_ns = clock::delta_ns(span.start_raw, span.end_raw);
+                let error = span.detail.as_ref().is_some_and(|d| d.error.is_some());
                 let key = RedKey {
-                    minute: span.start_unix_ns / 1_000_000_000 / 60 * 60,
-                    bt: span.bt.clone(),
+                    minute: start_unix_ns / 1_000_000_000 / 60 * 60,
+                    bt: trace.bt.clone(),
                     // Unsampled spans are done with their name: move it rather than copy.
-                    operation: if span.sampled {
+                    operation: if trace.sampled {
                         span.operation.clone()
                     } else {
                         std::mem::take(&mut span.operation)
                     },
                     kind: span.kind,
                     stage: stage(&span),
-                    error: span.error.is_some(),
+                    error,
                 };
-                self.red.entry(key).or_default().add(RedValue {
-                    calls: 1,
-                    errors: u64::from(span.error.is_some()),
-                    sum_micros: micros,
-                    buckets: BTreeMap::from([(histogram::bucket_of(micros), 1)]),
-                });
-                if span.sampled {
-                    incoming.push(span);
+                red.entry(key).or_default().record(duration_ns.div_ceil(1000), error);
+                if trace.sampled {
+                    incoming.push(Finished {
+                        trace_id: trace.trace_id,
+                        span_id: span.span_id,
+                        parent_span_id: span.parent_span_id,
+                        operation: span.operation,
+                        kind: span.kind,
+                        component: span.component,
+                        peer: span.peer,
+                        bt: trace.bt.clone(),
+                        start_unix_ns,
+                        duration_ns,
+                        detail: span.detail,
+                    });
                 }
             }
-            self.agent.recycle(batch);
-        }
+        });
         if incoming.is_empty() {
             return;
         }
@@ -365,23 +403,24 @@ impl Exporter {
                 business_transaction: dictionary.id(&s.bt),
                 start_unix_nanos: s.start_unix_ns,
                 duration_nanos: s.duration_ns,
-                status: if s.error.is_some() {
+                status: if s.error().is_some() {
                     WireStatus::Error
                 } else {
                     WireStatus::Unset
                 } as i32,
-                error_type: s.error.as_ref().map_or(0, |e| dictionary.id(&e.0)),
-                error_message: s.error.as_ref().map(|e| e.1.clone()).unwrap_or_default(),
-                attributes: s
-                    .attributes
-                    .iter()
-                    .map(|(k, v)| Attribute {
-                        key: dictionary.id(k),
-                        value: v.clone(),
-                    })
-                    .collect(),
-                caller_service: s.caller.as_ref().map_or(0, |c| dictionary.id(&c.0)),
-                caller_operation: s.caller.as_ref().map_or(0, |c| dictionary.id(&c.1)),
+                error_type: s.error().map_or(0, |e| dictionary.id(&e.0)),
+                error_message: s.error().map(|e| e.1.clone()).unwrap_or_default(),
+                attributes: s.detail.as_ref().map_or_else(Vec::new, |d| {
+                    d.attributes
+                        .iter()
+                        .map(|(k, v)| Attribute {
+                            key: dictionary.id(k),
+                            value: v.clone(),
+                        })
+                        .collect()
+                }),
+                caller_service: caller(s).map_or(0, |c| dictionary.id(&c.0)),
+                caller_operation: caller(s).map_or(0, |c| dictionary.id(&c.1)),
             })
             .collect();
         let histograms = batch
@@ -426,12 +465,12 @@ impl Exporter {
         let resource = self.resource(dictionary);
         let inflight = stuck
             .iter()
-            .map(|(slot, call)| InflightTransaction {
-                trace_id: slot.trace_id.to_be_bytes().to_vec(),
-                span_id: slot.span_id,
-                business_transaction: dictionary.id(&slot.bt),
-                operation: dictionary.id(&slot.operation),
-                start_unix_nanos: slot.start_unix_ns,
+            .map(|(trace, call)| InflightTransaction {
+                trace_id: trace.trace_id.to_be_bytes().to_vec(),
+                span_id: trace.entry_span_id,
+                business_transaction: dictionary.id(&trace.bt),
+                operation: dictionary.id(&trace.entry_operation),
+                start_unix_nanos: trace.start_unix_ns,
                 current_span_operation: call.as_ref().map_or(0, |c| dictionary.id(&c.0)),
                 current_span_peer: call.as_ref().map_or(0, |c| dictionary.id(&c.1)),
             })
@@ -461,12 +500,16 @@ impl Exporter {
             body: Some(agent_message::Body::Heartbeat(Heartbeat {
                 resource: probe.added.is_empty().then_some(resource),
                 unix_millis: crate::clock::unix_ns(crate::clock::now_raw()) / 1_000_000,
-                queue_depth: self.queue.len() as u64,
+                queue_depth: self.agent.queued_batches() as u64,
                 dropped_spans: self.agent.dropped_spans.load(Ordering::Relaxed),
                 sent_spans: self.sent_spans,
             })),
         }
     }
+}
+
+fn caller(span: &Finished) -> Option<&(String, String)> {
+    span.detail.as_ref().and_then(|d| d.caller.as_ref())
 }
 
 fn kind(kind: Kind) -> SpanKind {

@@ -79,7 +79,6 @@ impl std::error::Error for InitError {}
 /// Starts the agent: once per process. Keep the guard alive for the life of the service;
 /// dropping it sends what is left (waiting up to 5 s for the collector) and stops the exporter.
 pub fn init(config: Config) -> Result<AgentGuard, InitError> {
-    let (queue_tx, queue_rx) = crossbeam_channel::bounded(config.queue_batches.max(1));
     let instance = if config.instance.is_empty() {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -90,12 +89,12 @@ pub fn init(config: Config) -> Result<AgentGuard, InitError> {
         config.service.clone(),
         config.version.clone(),
         instance,
-        queue_tx,
+        config.queue_batches,
         config.sampling_ratio,
     );
     let agent = agent::install(agent).map_err(|()| InitError::AlreadyRunning)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-    let exporter = exporter::Exporter::new(config, agent, queue_rx);
+    let exporter = exporter::Exporter::new(config, agent);
     let thread = std::thread::Builder::new()
         .name("sightline-exporter".into())
         .spawn(move || {
@@ -132,12 +131,14 @@ impl Drop for AgentGuard {
 
 /// Starts describing a business transaction: the entry span of a request, named after the
 /// user-facing unit of work. Downstream services inherit the name through baggage.
+#[inline]
 pub fn transaction(name: impl Into<Name>) -> SpanBuilder {
     let name = name.into();
     SpanBuilder::new(name.clone(), Kind::Server, Some(name))
 }
 
 /// Starts describing a span inside the current one (or a new trace when there is none).
+#[inline]
 pub fn span(operation: impl Into<Name>) -> SpanBuilder {
     SpanBuilder::new(operation.into(), Kind::Internal, None)
 }

@@ -85,22 +85,22 @@ pub fn inject(set: impl FnMut(&'static str, String)) {
 /// not (or not yet) current, such as a call made by a middleware.
 pub fn inject_from(span: &Span, set: impl FnMut(&'static str, String)) {
     if let Some(current) = span.current() {
-        write(current, set);
+        write(&current, set);
     }
 }
 
 fn write(current: &Current, mut set: impl FnMut(&'static str, String)) {
-    let flags = if current.sampled { "01" } else { "00" };
+    let flags = if current.trace.sampled { "01" } else { "00" };
     set(
         TRACEPARENT,
-        format!("00-{:032x}-{:016x}-{flags}", current.trace_id, current.span_id),
+        format!("00-{:032x}-{:016x}-{flags}", current.trace.trace_id, current.span_id),
     );
     let encode = |v: &str| utf8_percent_encode(v, BAGGAGE_VALUE).to_string();
-    let mut baggage = format!("{BT_KEY}={}", encode(&current.bt));
+    let mut baggage = format!("{BT_KEY}={}", encode(&current.trace.bt));
     if let Some(agent) = agent::get() {
         baggage.push_str(&format!(",{CALLER_KEY}={}", encode(agent.service())));
     }
-    baggage.push_str(&format!(",{CALLER_OP_KEY}={}", encode(&current.entry_operation)));
+    baggage.push_str(&format!(",{CALLER_OP_KEY}={}", encode(&current.trace.entry_operation)));
     set(BAGGAGE, baggage);
 }
 

@@ -1,17 +1,27 @@
-//! Spans: RAII guards on the hot path.
+//! Spans: RAII guards on the hot path (fastrace's shape).
 //!
-//! Starting a span reads the fast clock and takes an id; ending it pushes a record onto this
-//! thread's buffer. The buffer goes to the exporter in one hand-off when the thread leaves
-//! instrumented code (its stack of entered spans is empty) or holds [`FLUSH_AT`] spans. No lock,
-//! no I/O, no allocation beyond the record. Whether a trace is recorded is decided once, at its
-//! root, before any attribute exists; inside an unsampled trace a child span is a no-op.
+//! A service's part of a trace shares one [`TraceCtx`], made by its entry span (one allocation
+//! per request). A span entered on a thread is a stack frame plus a record written once, in
+//! place, in this thread's buffer (its end time is filled in when the guard drops); the guard
+//! itself is two words. No atomic reference count, no lock, no allocation beyond the buffer.
+//! The buffer goes to the exporter through this thread's own lock-free ring when the thread
+//! leaves instrumented code (its stack is empty) or holds [`FLUSH_AT`] spans; spans still open
+//! then move to the next buffer. Whether a trace is recorded is decided once, at its root, before any
+//! attribute exists. Inside an unsampled trace an internal child span is a no-op; calls out
+//! (client spans) are still timed, for exact RED per stage and for naming the call a stuck
+//! transaction is inside.
 
-use std::{borrow::Cow, cell::RefCell, sync::Arc};
+use std::{
+    borrow::Cow,
+    cell::{Cell, RefCell},
+    rc::Rc,
+    sync::{Arc, Mutex},
+};
 
 use crate::{
-    agent,
+    agent::{self, ThreadRing},
     clock::{self, ids},
-    inflight::{self, InflightSlot},
+    inflight,
     propagation::RemoteContext,
 };
 
@@ -75,51 +85,320 @@ impl std::hash::Hash for SharedName {
     }
 }
 
-/// The context children inherit: trace, parent, sampling, business transaction.
+/// A call out: (operation, peer).
+pub(crate) type Call = (Name, Name);
+
+/// One service's part of a trace, shared by all its spans: made by the entry span and
+/// registered as an open transaction (for in-flight snapshots) until the entry span ends.
+#[derive(Debug)]
+pub(crate) struct TraceCtx {
+    pub trace_id: u128,
+    pub sampled: bool,
+    pub bt: SharedName,
+    /// The entry span's operation: the "caller operation" downstream.
+    pub entry_operation: SharedName,
+    pub entry_span_id: u64,
+    pub start_unix_ns: u64,
+    /// The call out the transaction is inside now. Taken by client spans (which wrap I/O) and,
+    /// once per snapshot interval, by the exporter to copy it.
+    pub current_call: Mutex<Option<Call>>,
+}
+
+impl TraceCtx {
+    fn note_call(&self, call: Option<Call>) {
+        if let Ok(mut current) = self.current_call.lock() {
+            *current = call;
+        }
+    }
+}
+
+/// A span as propagation and the `tracing` layer see it: its id and its trace.
 #[derive(Clone, Debug)]
 pub(crate) struct Current {
-    pub trace_id: u128,
     pub span_id: u64,
-    pub sampled: bool,
-    pub bt: SharedName,
-    /// The operation of this thread's entry span: the "caller operation" downstream.
-    pub entry_operation: SharedName,
-    /// The open transaction this span belongs to, for in-flight snapshots.
-    pub inflight: Option<Arc<InflightSlot>>,
+    pub trace: Arc<TraceCtx>,
 }
 
-/// A finished span on its way to the exporter.
+/// A span in a thread's buffer; times are raw clock readings, converted by the exporter.
 #[derive(Debug)]
-pub(crate) struct Finished {
-    pub trace_id: u128,
+pub(crate) struct Record {
+    /// Index into its batch's `traces`.
+    pub trace: u32,
+    pub kind: Kind,
+    /// The entry span of its service: registered as an open transaction while it runs.
+    pub entry: bool,
+    /// 0 for the hole an open span leaves when it moves to the next buffer.
     pub span_id: u64,
     pub parent_span_id: u64,
+    pub start_raw: u64,
+    pub end_raw: u64,
     pub operation: Name,
-    pub kind: Kind,
     pub component: Name,
     pub peer: Name,
-    pub bt: SharedName,
-    pub start_unix_ns: u64,
-    pub duration_ns: u64,
-    pub error: Option<Box<(Name, String)>>,
-    pub attributes: Vec<(Name, String)>,
-    pub caller: Option<Box<(String, String)>>,
-    /// Unsampled entry spans travel too, for exact RED, but are not stored as spans.
-    pub sampled: bool,
+    pub detail: Option<Box<Detail>>,
 }
 
+impl Record {
+    /// What an open span leaves behind in a buffer handed off.
+    const HOLE: Record = Record {
+        trace: 0,
+        kind: Kind::Internal,
+        entry: false,
+        span_id: 0,
+        parent_span_id: 0,
+        start_raw: 0,
+        end_raw: 0,
+        operation: Cow::Borrowed(""),
+        component: Cow::Borrowed(""),
+        peer: Cow::Borrowed(""),
+        detail: None,
+    };
+
+    fn set_attribute(&mut self, sampled: bool, key: impl Into<Name>, value: impl ToString) {
+        if sampled {
+            let detail = self.detail.get_or_insert_with(Box::default);
+            detail.attributes.push((key.into(), value.to_string()));
+        }
+    }
+
+    fn set_error(&mut self, error_type: impl Into<Name>, message: impl ToString) {
+        let detail = self.detail.get_or_insert_with(Box::default);
+        detail.error = Some((error_type.into(), message.to_string()));
+    }
+
+    /// Bookkeeping at the end of a span.
+    fn end(&mut self, trace: &TraceCtx, end_raw: u64) {
+        self.end_raw = end_raw;
+        if self.entry {
+            inflight::unregister(self.span_id);
+        } else if self.kind == Kind::Client {
+            trace.note_call(None);
+        }
+    }
+}
+
+/// What few spans carry: kept out of line so that the common record stays small.
+#[derive(Debug, Default)]
+pub(crate) struct Detail {
+    /// Error type and message.
+    pub error: Option<(Name, String)>,
+    pub attributes: Vec<(Name, String)>,
+    /// The calling service and operation, from baggage (entry spans).
+    pub caller: Option<(String, String)>,
+}
+
+/// One hand-off from a thread to the exporter: records and the traces they point at.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub traces: Vec<Arc<TraceCtx>>,
+    pub records: Vec<Record>,
+}
+
+/// A trace as this thread's stack holds it, with where it sits in the current batch.
+#[derive(Debug)]
+struct TraceEntry {
+    ctx: Arc<TraceCtx>,
+    /// The batch generation `slot` belongs to.
+    generation: Cell<u32>,
+    slot: Cell<u32>,
+}
+
+impl TraceEntry {
+    fn new(ctx: Arc<TraceCtx>) -> Rc<Self> {
+        Rc::new(Self {
+            ctx,
+            generation: Cell::new(u32::MAX),
+            slot: Cell::new(0),
+        })
+    }
+}
+
+struct Frame {
+    span_id: u64,
+    /// Copied from the trace: the unsampled path reads nothing else.
+    sampled: bool,
+    /// Its record's index in the current buffer; [`NO_RECORD`] when the span's data lives
+    /// elsewhere (a [`Span`] made current for a while).
+    record: u32,
+    trace: Rc<TraceEntry>,
+}
+
+const NO_RECORD: u32 = u32::MAX;
+
+/// This thread's state: entered spans, the batch being filled, its ring to the exporter.
 #[derive(Default)]
 struct Local {
-    stack: Vec<Current>,
-    buffer: Vec<Finished>,
+    stack: Vec<Frame>,
+    batch: Batch,
+    /// Bumped at every hand-off: a [`TraceEntry`]'s slot is valid while it matches.
+    generation: u32,
+    ring: Option<ThreadRing>,
+    /// The last trace made current from a [`Span`]: futures are polled again and again.
+    last_scoped: Option<Rc<TraceEntry>>,
+}
+
+impl Local {
+    /// Keeps [`TOP`] in step with the stack; called after every change to it.
+    fn sync_top(&self) {
+        TOP.set(match self.stack.last() {
+            None => Top::None,
+            Some(frame) if frame.sampled => Top::Sampled,
+            Some(_) => Top::Unsampled,
+        });
+    }
+
+    /// The index of `trace` in the current batch, adding it on first use.
+    fn slot_of_entry(&mut self, trace: &TraceEntry) -> u32 {
+        if trace.generation.get() != self.generation {
+            trace.generation.set(self.generation);
+            trace.slot.set(self.batch.traces.len() as u32);
+            self.batch.traces.push(trace.ctx.clone());
+        }
+        trace.slot.get()
+    }
+
+    fn slot_of(&mut self, trace: &Arc<TraceCtx>) -> u32 {
+        let traces = &self.batch.traces;
+        if let Some(i) = traces.iter().rev().take(4).position(|t| Arc::ptr_eq(t, trace)) {
+            return (traces.len() - 1 - i) as u32;
+        }
+        self.batch.traces.push(trace.clone());
+        (self.batch.traces.len() - 1) as u32
+    }
+
+    fn push_record(&mut self, record: Record) {
+        self.batch.records.push(record);
+        if self.stack.is_empty() || self.batch.records.len() >= FLUSH_AT {
+            self.hand_off();
+        }
+    }
+
+    /// A record written in place for a span entered now.
+    fn open(&mut self, span_id: u64, trace: Rc<TraceEntry>, record: Record) {
+        let slot = self.slot_of_entry(&trace);
+        let index = self.batch.records.len() as u32;
+        self.batch.records.push(Record { trace: slot, ..record });
+        self.stack.push(Frame {
+            span_id,
+            sampled: trace.ctx.sampled,
+            record: index,
+            trace,
+        });
+        self.sync_top();
+    }
+
+    /// Ends an entered span: off the stack, its end time in its record.
+    fn close(&mut self, span_id: u64, end_raw: u64) {
+        // Read in place: copying the frame out first showed in profiles.
+        let top = self.stack.len().wrapping_sub(1);
+        let found = match self.stack.last() {
+            Some(frame) if frame.span_id == span_id => Some(top),
+            _ => self.stack.iter().rposition(|f| f.span_id == span_id),
+        };
+        if let Some(i) = found {
+            let frame = &self.stack[i];
+            if let Some(record) = self.batch.records.get_mut(frame.record as usize) {
+                record.end(&frame.trace.ctx, end_raw);
+            }
+            if i == top {
+                self.stack.pop();
+            } else {
+                self.stack.remove(i);
+            }
+            self.sync_top();
+        }
+        if self.stack.is_empty() || self.batch.records.len() >= FLUSH_AT {
+            self.hand_off();
+        }
+    }
+
+    /// The record of the entered span `span_id`.
+    fn record_of(&mut self, span_id: u64) -> Option<&mut Record> {
+        let frame = self.stack.iter().rev().find(|f| f.span_id == span_id)?;
+        self.batch.records.get_mut(frame.record as usize)
+    }
+
+    fn hand_off(&mut self) {
+        if self.batch.records.is_empty() {
+            self.batch.traces.clear();
+            return;
+        }
+        let Some(agent) = agent::get() else {
+            self.batch.records.clear();
+            self.batch.traces.clear();
+            return;
+        };
+        let ring = self.ring.get_or_insert_with(|| agent.new_ring());
+        // A buffer the exporter emptied: growing a fresh one per hand-off cost more than the
+        // spans (benches/README.md).
+        // Fresh ones start small: most hand-offs are one request's few spans.
+        let fresh = ring.spare().unwrap_or_else(|| Batch {
+            traces: Vec::with_capacity(2),
+            records: Vec::with_capacity(8),
+        });
+        let mut full = std::mem::replace(&mut self.batch, fresh);
+        self.generation = self.generation.wrapping_add(1);
+        // Spans still open move on: a buffer handed off holds finished spans only.
+        for i in 0..self.stack.len() {
+            let index = self.stack[i].record;
+            if index == NO_RECORD {
+                continue;
+            }
+            let record = std::mem::replace(&mut full.records[index as usize], Record::HOLE);
+            let trace = self.stack[i].trace.clone();
+            let slot = self.slot_of_entry(&trace);
+            self.stack[i].record = self.batch.records.len() as u32;
+            self.batch.records.push(Record { trace: slot, ..record });
+        }
+        let ring = self.ring.as_mut().expect("made above");
+        ring.send(full, agent);
+    }
+
+    fn scoped_entry(&mut self, trace: &Arc<TraceCtx>) -> Rc<TraceEntry> {
+        match &self.last_scoped {
+            Some(entry) if Arc::ptr_eq(&entry.ctx, trace) => entry.clone(),
+            _ => {
+                let entry = TraceEntry::new(trace.clone());
+                self.last_scoped = Some(entry.clone());
+                entry
+            }
+        }
+    }
+
+    fn remove_frame(&mut self, span_id: u64) -> Option<Frame> {
+        let frame = match self.stack.last() {
+            Some(top) if top.span_id == span_id => self.stack.pop(),
+            _ => {
+                let i = self.stack.iter().rposition(|f| f.span_id == span_id)?;
+                Some(self.stack.remove(i))
+            }
+        };
+        self.sync_top();
+        frame
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        // The thread is ending: what it buffered still goes.
+        self.stack.clear();
+        let _ = TOP.try_with(|top| top.set(Top::None));
+        self.hand_off();
+    }
 }
 
 thread_local! {
     static LOCAL: RefCell<Local> = RefCell::new(Local::default());
+    /// What the top of this thread's stack is, readable without touching [`LOCAL`]: a plain
+    /// thread-local byte makes the unsampled path a single load.
+    static TOP: Cell<Top> = const { Cell::new(Top::None) };
 }
 
-fn current() -> Option<Current> {
-    LOCAL.with(|l| l.borrow().stack.last().cloned())
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Top {
+    None,
+    Sampled,
+    Unsampled,
 }
 
 /// Describes a span before it starts. Made by [`crate::transaction`] and [`crate::span`].
@@ -130,12 +409,14 @@ pub struct SpanBuilder {
     component: Name,
     peer: Name,
     bt: Option<Name>,
-    remote: Option<RemoteContext>,
+    /// Boxed: the builder is moved on every span, the remote context is rare.
+    remote: Option<Box<RemoteContext>>,
     /// A parent given explicitly instead of this thread's current span.
     parent: Option<Current>,
 }
 
 impl SpanBuilder {
+    #[inline]
     pub(crate) fn new(operation: Name, kind: Kind, bt: Option<Name>) -> Self {
         Self {
             operation,
@@ -149,11 +430,13 @@ impl SpanBuilder {
     }
 
     /// The operation, when it differs from the name given: a route template, never a raw URL.
+    #[inline]
     pub fn operation(mut self, operation: impl Into<Name>) -> Self {
         self.operation = operation.into();
         self
     }
 
+    #[inline]
     pub fn kind(mut self, kind: Kind) -> Self {
         self.kind = kind;
         self
@@ -161,6 +444,7 @@ impl SpanBuilder {
 
     /// A call to `peer` (`redis`, `postgres:orders`, `auth`) through `component` (`db`,
     /// `cache`, `mq`, `http`, `grpc`).
+    #[inline]
     pub fn client(mut self, component: impl Into<Name>, peer: impl Into<Name>) -> Self {
         self.kind = Kind::Client;
         self.component = component.into();
@@ -184,196 +468,277 @@ impl SpanBuilder {
 
     /// Continues a trace that came from another service (see [`crate::propagation::extract`]).
     pub fn child_of(mut self, remote: Option<RemoteContext>) -> Self {
-        self.remote = remote;
+        self.remote = remote.map(Box::new);
         self
+    }
+
+    /// A child of a span in `trace`: `None` when it would not be recorded (inside an unsampled
+    /// trace only calls out are timed).
+    fn child_record(self, trace: &TraceCtx, parent_span_id: u64) -> Option<Record> {
+        if !trace.sampled && self.kind != Kind::Client {
+            return None;
+        }
+        if self.kind == Kind::Client {
+            trace.note_call(Some((self.operation.clone(), self.peer.clone())));
+        }
+        Some(Record {
+            trace: 0,
+            kind: self.kind,
+            entry: false,
+            span_id: ids::next_u64(),
+            parent_span_id,
+            start_raw: clock::now_raw(),
+            end_raw: 0,
+            operation: self.operation,
+            component: self.component,
+            peer: self.peer,
+            detail: None,
+        })
     }
 
     /// Starts the span without entering it: for async work (see [`Span::instrument`]) or when
     /// the guard moves across threads.
     pub fn start(mut self) -> Span {
-        let Some(agent) = agent::get() else {
+        if agent::get().is_none() {
             return Span { data: None };
-        };
-        // One look at this thread's stack: inside an unsampled trace a child is a no-op.
-        let remote_given = self.remote.is_some();
+        }
         let parent = match self.parent.take() {
-            Some(p) if !p.sampled => Err(()),
-            Some(p) => Ok(Some(p)),
-            None => LOCAL.with(|l| match l.borrow().stack.last() {
-                Some(c) if !c.sampled && !remote_given => Err(()),
-                other => Ok(other.cloned()),
-            }),
+            Some(parent) => Some(parent),
+            None if self.remote.is_none() => current_context(),
+            None => None,
         };
-        let Ok(parent) = parent else { return Span { data: None } };
-        let (trace_id, parent_span_id, sampled, bt, entry_operation, caller, entry) = match (&parent, self.remote) {
-            (Some(p), _) => (
-                p.trace_id,
-                p.span_id,
-                p.sampled,
-                p.bt.clone(),
-                p.entry_operation.clone(),
-                None,
-                false,
-            ),
-            (None, Some(remote)) => {
+        match parent {
+            Some(parent) => {
+                let record = self.child_record(&parent.trace, parent.span_id);
+                Span {
+                    data: record.map(|record| SpanData {
+                        trace: parent.trace,
+                        record,
+                    }),
+                }
+            }
+            None => {
+                let (trace, record) = self.entry();
+                Span {
+                    data: Some(SpanData { trace, record }),
+                }
+            }
+        }
+    }
+
+    /// The entry span of this service's part of a trace: a new trace at a root, or the
+    /// continuation of a remote one.
+    fn entry(self) -> (Arc<TraceCtx>, Record) {
+        let agent = agent::get().expect("checked by the caller");
+        let entry_operation = SharedName::new(&self.operation);
+        let (trace_id, parent_span_id, sampled, bt, caller) = match self.remote {
+            Some(remote) => {
+                let remote = *remote;
                 let bt = match (&self.bt, remote.bt) {
                     (_, Some(inherited)) => SharedName::Shared(inherited.into()),
                     (Some(named), None) => SharedName::new(named),
-                    (None, None) => SharedName::new(&self.operation),
+                    (None, None) => entry_operation.clone(),
                 };
-                let caller = match (remote.caller_service, remote.caller_operation) {
-                    (Some(s), o) => Some(Box::new((s, o.unwrap_or_default()))),
-                    _ => None,
-                };
-                (
-                    remote.trace_id,
-                    remote.parent_span_id,
-                    remote.sampled,
-                    bt,
-                    SharedName::new(&self.operation),
-                    caller,
-                    true,
-                )
+                let caller = remote
+                    .caller_service
+                    .map(|service| (service, remote.caller_operation.unwrap_or_default()));
+                (remote.trace_id, remote.parent_span_id, remote.sampled, bt, caller)
             }
-            (None, None) => {
-                let bt = SharedName::new(self.bt.as_ref().unwrap_or(&self.operation));
-                let sampled = ids::sample(agent.sampling_ratio());
-                (
-                    ids::trace_id(),
-                    0,
-                    sampled,
-                    bt,
-                    SharedName::new(&self.operation),
-                    None,
-                    true,
-                )
+            None => {
+                let bt = match &self.bt {
+                    Some(named) => SharedName::new(named),
+                    None => entry_operation.clone(),
+                };
+                (ids::trace_id(), 0, ids::sample(agent.sampling_ratio()), bt, None)
             }
         };
-        if !sampled && !entry {
-            return Span { data: None };
-        }
         let span_id = ids::next_u64();
         let start_raw = clock::now_raw();
-        let inflight = if entry {
-            let slot = Arc::new(InflightSlot {
-                trace_id,
-                span_id,
-                bt: bt.clone(),
-                operation: entry_operation.clone(),
-                start_unix_ns: clock::unix_ns(start_raw),
-                current_call: std::sync::Mutex::new(None),
-            });
-            inflight::register(slot.clone());
-            Some(slot)
-        } else {
-            let slot = parent.and_then(|p| p.inflight);
-            if let (Kind::Client, Some(slot)) = (self.kind, &slot) {
-                if let Ok(mut call) = slot.current_call.lock() {
-                    *call = Some((self.operation.clone(), self.peer.clone()));
-                }
-            }
-            slot
-        };
-        Span {
-            data: Some(SpanData {
-                current: Current {
-                    trace_id,
-                    span_id,
-                    sampled,
-                    bt,
-                    entry_operation,
-                    inflight,
-                },
-                parent_span_id,
-                operation: self.operation,
-                kind: self.kind,
-                component: self.component,
-                peer: self.peer,
-                start_raw,
-                attributes: Vec::new(),
-                error: None,
-                caller,
-                entry,
+        let trace = Arc::new(TraceCtx {
+            trace_id,
+            sampled,
+            bt,
+            entry_operation,
+            entry_span_id: span_id,
+            start_unix_ns: clock::unix_ns(start_raw),
+            current_call: Mutex::new(None),
+        });
+        inflight::register(trace.clone());
+        let record = Record {
+            trace: 0,
+            kind: self.kind,
+            entry: true,
+            span_id,
+            parent_span_id,
+            start_raw,
+            end_raw: 0,
+            operation: self.operation,
+            component: self.component,
+            peer: self.peer,
+            detail: caller.map(|caller| {
+                Box::new(Detail {
+                    caller: Some(caller),
+                    ..Detail::default()
+                })
             }),
-        }
+        };
+        (trace, record)
     }
 
     /// Starts the span and makes it the current one on this thread until the guard drops: for
     /// synchronous code.
+    #[inline]
     pub fn entered(self) -> EnteredSpan {
-        let span = self.start();
-        if let Some(data) = &span.data {
-            LOCAL.with(|l| l.borrow_mut().stack.push(data.current.clone()));
+        if self.parent.is_none() && self.remote.is_none() {
+            // The common case, a child of this thread's current span: one look at the stack.
+            // A frame there means the agent runs.
+            if TOP.get() == Top::Unsampled && self.kind != Kind::Client {
+                self.discard();
+                return EnteredSpan { data: None };
+            }
         }
-        EnteredSpan { span }
+        self.entered_recorded()
+    }
+
+    /// Drops a builder not used, inline: when it holds nothing owned (static names, the
+    /// usual case) there is nothing to free, and an out-of-line drop was most of the unsampled
+    /// path's cost.
+    #[inline]
+    fn discard(self) {
+        let owns_memory = matches!(self.operation, Cow::Owned(_))
+            || matches!(self.component, Cow::Owned(_))
+            || matches!(self.peer, Cow::Owned(_))
+            || self.bt.is_some()
+            || self.remote.is_some()
+            || self.parent.is_some();
+        if owns_memory {
+            drop(self);
+        } else {
+            std::mem::forget(self);
+        }
+    }
+
+    #[inline(never)]
+    fn entered_recorded(self) -> EnteredSpan {
+        if self.parent.is_none() && self.remote.is_none() && TOP.get() != Top::None {
+            return self.entered_child();
+        }
+        self.entered_other()
+    }
+
+    #[inline(always)]
+    fn entered_child(self) -> EnteredSpan {
+        LOCAL.with(|l| {
+            let mut local = l.borrow_mut();
+            let Some(top) = local.stack.last() else {
+                return EnteredSpan { data: None };
+            };
+            let (parent_span_id, trace) = (top.span_id, top.trace.clone());
+            if !trace.ctx.sampled && self.kind != Kind::Client {
+                return EnteredSpan { data: None };
+            }
+            if self.kind == Kind::Client {
+                trace.ctx.note_call(Some((self.operation.clone(), self.peer.clone())));
+            }
+            let span_id = ids::next_u64();
+            let slot = local.slot_of_entry(&trace);
+            let index = local.batch.records.len() as u32;
+            // Written once, in place: moving records through temporaries cost more than the
+            // rest of the span (benches/README.md).
+            local.batch.records.push(Record {
+                trace: slot,
+                kind: self.kind,
+                entry: false,
+                span_id,
+                parent_span_id,
+                start_raw: clock::now_raw(),
+                end_raw: 0,
+                operation: self.operation,
+                component: self.component,
+                peer: self.peer,
+                detail: None,
+            });
+            local.stack.push(Frame {
+                span_id,
+                sampled: trace.ctx.sampled,
+                record: index,
+                trace: trace.clone(),
+            });
+            local.sync_top();
+            EnteredSpan {
+                data: Some(Entered { span_id, trace }),
+            }
+        })
+    }
+
+    fn entered_other(self) -> EnteredSpan {
+        let Some(SpanData { trace, record }) = self.start().data.take() else {
+            return EnteredSpan { data: None };
+        };
+        let trace = TraceEntry::new(trace);
+        let span_id = record.span_id;
+        LOCAL.with(|l| l.borrow_mut().open(span_id, trace.clone(), record));
+        EnteredSpan {
+            data: Some(Entered { span_id, trace }),
+        }
     }
 }
 
 struct SpanData {
-    current: Current,
-    parent_span_id: u64,
-    operation: Name,
-    kind: Kind,
-    component: Name,
-    peer: Name,
-    start_raw: u64,
-    attributes: Vec<(Name, String)>,
-    error: Option<Box<(Name, String)>>,
-    caller: Option<Box<(String, String)>>,
-    /// The entry span of its service: registered as an open transaction while it runs.
-    entry: bool,
+    trace: Arc<TraceCtx>,
+    /// Its batch slot is set when it is buffered.
+    record: Record,
 }
 
-/// A running span; it ends when dropped. Disabled (free) when the agent is not running or the
-/// trace is not sampled.
+/// A running span; it ends when dropped. It may move across threads (async work). Disabled
+/// (free) when the agent is not running or the trace is not recorded.
 pub struct Span {
     data: Option<SpanData>,
 }
 
 impl Span {
-    /// Whether this span is recorded.
+    /// Whether this span is recorded with its attributes.
     pub fn is_recording(&self) -> bool {
-        self.data.as_ref().is_some_and(|d| d.current.sampled)
+        self.data.as_ref().is_some_and(|d| d.trace.sampled)
     }
 
     /// Adds an attribute; costs nothing when the span is not recorded.
     pub fn set_attribute(&mut self, key: impl Into<Name>, value: impl ToString) {
-        if let Some(data) = self.data.as_mut().filter(|d| d.current.sampled) {
-            data.attributes.push((key.into(), value.to_string()));
+        if let Some(data) = &mut self.data {
+            data.record.set_attribute(data.trace.sampled, key, value);
         }
     }
 
     /// Marks the span failed, with an error type (`Timeout`, `sqlx::Error`) and message.
     pub fn set_error(&mut self, error_type: impl Into<Name>, message: impl ToString) {
-        if let Some(data) = self.data.as_mut() {
-            data.error = Some(Box::new((error_type.into(), message.to_string())));
+        if let Some(data) = &mut self.data {
+            data.record.set_error(error_type, message);
         }
     }
 
     /// The business transaction this span serves, if it is running.
     pub fn business_transaction(&self) -> Option<&str> {
-        self.data.as_ref().map(|d| &*d.current.bt)
+        self.data.as_ref().map(|d| &*d.trace.bt)
     }
 
     /// The trace id, as 32 hex digits.
     pub fn trace_id(&self) -> Option<String> {
-        self.data.as_ref().map(|d| format!("{:032x}", d.current.trace_id))
+        self.data.as_ref().map(|d| format!("{:032x}", d.trace.trace_id))
     }
 
-    pub(crate) fn current(&self) -> Option<&Current> {
-        self.data.as_ref().map(|d| &d.current)
+    pub(crate) fn current(&self) -> Option<Current> {
+        self.data.as_ref().map(|d| Current {
+            span_id: d.record.span_id,
+            trace: d.trace.clone(),
+        })
     }
 
     /// Runs `f` with this span current on this thread: spans started inside are its children.
     pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        let entered = self.current().map(|c| {
-            push(c.clone());
-            c.span_id
-        });
+        let Some(data) = &self.data else { return f() };
+        push_frame(data.record.span_id, &data.trace);
         let result = f();
-        if let Some(id) = entered {
-            pop(id);
-        }
+        pop(data.record.span_id);
         result
     }
 
@@ -389,98 +754,124 @@ impl Span {
 
 impl Drop for Span {
     fn drop(&mut self) {
-        let Some(data) = self.data.take() else { return };
-        let end_raw = clock::now_raw();
-        if data.entry {
-            inflight::unregister(data.current.span_id);
-        } else if let (Kind::Client, Some(slot)) = (data.kind, &data.current.inflight) {
-            if let Ok(mut call) = slot.current_call.lock() {
-                *call = None;
-            }
-        }
-        let finished = Finished {
-            trace_id: data.current.trace_id,
-            span_id: data.current.span_id,
-            parent_span_id: data.parent_span_id,
-            operation: data.operation,
-            kind: data.kind,
-            component: data.component,
-            peer: data.peer,
-            bt: data.current.bt,
-            start_unix_ns: clock::unix_ns(data.start_raw),
-            duration_ns: clock::delta_ns(data.start_raw, end_raw),
-            error: data.error,
-            attributes: data.attributes,
-            caller: data.caller,
-            sampled: data.current.sampled,
+        let Some(SpanData { trace, mut record }) = self.data.take() else {
+            return;
         };
-        LOCAL.with(|l| {
+        record.end(&trace, clock::now_raw());
+        let _ = LOCAL.try_with(|l| {
             let mut local = l.borrow_mut();
-            local.buffer.push(finished);
-            if local.stack.is_empty() || local.buffer.len() >= FLUSH_AT {
-                flush(&mut local.buffer);
-            }
+            let slot = local.slot_of(&trace);
+            local.push_record(Record { trace: slot, ..record });
         });
     }
 }
 
-/// A span that is current on this thread; ends (and stops being current) when dropped.
+/// An entered span's guard: its data is in this thread's buffer.
+struct Entered {
+    span_id: u64,
+    trace: Rc<TraceEntry>,
+}
+
+/// A span that is current on this thread; ends (and stops being current) when dropped. It
+/// stays on its thread: for work that moves, use [`SpanBuilder::start`] and
+/// [`Span::instrument`].
 pub struct EnteredSpan {
-    span: Span,
+    data: Option<Entered>,
 }
 
-impl std::ops::Deref for EnteredSpan {
-    type Target = Span;
-    fn deref(&self) -> &Span {
-        &self.span
+impl EnteredSpan {
+    /// Whether this span is recorded with its attributes.
+    pub fn is_recording(&self) -> bool {
+        self.data.as_ref().is_some_and(|d| d.trace.ctx.sampled)
     }
-}
 
-impl std::ops::DerefMut for EnteredSpan {
-    fn deref_mut(&mut self) -> &mut Span {
-        &mut self.span
+    fn with_record(&self, f: impl FnOnce(&mut Record, bool)) {
+        if let Some(data) = &self.data {
+            LOCAL.with(|l| {
+                if let Some(record) = l.borrow_mut().record_of(data.span_id) {
+                    f(record, data.trace.ctx.sampled);
+                }
+            });
+        }
     }
+
+    /// Adds an attribute; costs nothing when the span is not recorded.
+    pub fn set_attribute(&mut self, key: impl Into<Name>, value: impl ToString) {
+        if self.is_recording() {
+            self.with_record(|record, sampled| record.set_attribute(sampled, key, value));
+        }
+    }
+
+    /// Marks the span failed, with an error type (`Timeout`, `sqlx::Error`) and message.
+    pub fn set_error(&mut self, error_type: impl Into<Name>, message: impl ToString) {
+        self.with_record(|record, _| record.set_error(error_type, message));
+    }
+
+    /// The business transaction this span serves, if it is running.
+    pub fn business_transaction(&self) -> Option<&str> {
+        self.data.as_ref().map(|d| &*d.trace.ctx.bt)
+    }
+
+    /// The trace id, as 32 hex digits.
+    pub fn trace_id(&self) -> Option<String> {
+        self.data.as_ref().map(|d| format!("{:032x}", d.trace.ctx.trace_id))
+    }
+
+    /// Ends the span now.
+    pub fn end(self) {}
 }
 
 impl Drop for EnteredSpan {
+    #[inline]
     fn drop(&mut self) {
-        if let Some(current) = self.span.current() {
-            pop(current.span_id);
+        if let Some(entered) = self.data.take() {
+            entered.close();
         }
-        // The span itself ends right after, in Span's Drop.
     }
 }
 
-pub(crate) fn push(current: Current) {
-    LOCAL.with(|l| l.borrow_mut().stack.push(current));
+impl Entered {
+    #[inline(never)]
+    fn close(self) {
+        let end_raw = clock::now_raw();
+        let _ = LOCAL.try_with(|l| l.borrow_mut().close(self.span_id, end_raw));
+    }
 }
 
-/// Removes `span_id` from this thread's stack (normally the top); flushes when the thread
-/// leaves instrumented code.
+/// Makes a span of `trace` current on this thread (entering a [`Span`], a `tracing` span).
+pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
+    LOCAL.with(|l| {
+        let mut local = l.borrow_mut();
+        let sampled = trace.sampled;
+        let trace = local.scoped_entry(trace);
+        local.stack.push(Frame {
+            span_id,
+            sampled,
+            record: NO_RECORD,
+            trace,
+        });
+        local.sync_top();
+    });
+}
+
+/// Removes `span_id` from this thread's stack (normally the top); hands the buffer off when
+/// the thread leaves instrumented code.
 pub(crate) fn pop(span_id: u64) {
     LOCAL.with(|l| {
         let mut local = l.borrow_mut();
-        if let Some(i) = local.stack.iter().rposition(|c| c.span_id == span_id) {
-            local.stack.remove(i);
-        }
-        if local.stack.is_empty() && !local.buffer.is_empty() {
-            flush(&mut local.buffer);
+        local.remove_frame(span_id);
+        if local.stack.is_empty() {
+            local.hand_off();
         }
     });
 }
 
 /// The context to propagate: the current span on this thread.
 pub(crate) fn current_context() -> Option<Current> {
-    current()
-}
-
-fn flush(buffer: &mut Vec<Finished>) {
-    match agent::get() {
-        Some(agent) => {
-            // A recycled buffer: growing a fresh one per hand-off cost more than the spans.
-            let batch = std::mem::replace(buffer, agent.spare_buffer());
-            agent.hand_off(batch);
-        }
-        None => buffer.clear(),
-    }
+    LOCAL.with(|l| {
+        l.borrow().stack.last().map(|f| Current {
+            span_id: f.span_id,
+            trace: f.trace.ctx.clone(),
+        })
+    })
 }

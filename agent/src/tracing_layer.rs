@@ -93,7 +93,7 @@ where
         attributes.record(&mut fields);
         let parent = span_ref
             .parent()
-            .and_then(|p| p.extensions().get::<Mirrored>().and_then(|m| m.0.current().cloned()));
+            .and_then(|p| p.extensions().get::<Mirrored>().and_then(|m| m.0.current()));
         let kind = fields.kind.unwrap_or(if fields.peer.is_some() {
             Kind::Client
         } else {
@@ -115,12 +115,8 @@ where
 
     fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
         if let Some(span_ref) = ctx.span(id) {
-            if let Some(current) = span_ref
-                .extensions()
-                .get::<Mirrored>()
-                .and_then(|m| m.0.current().cloned())
-            {
-                span::push(current);
+            if let Some(current) = span_ref.extensions().get::<Mirrored>().and_then(|m| m.0.current()) {
+                span::push_frame(current.span_id, &current.trace);
             }
         }
     }
