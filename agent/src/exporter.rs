@@ -236,10 +236,10 @@ impl Exporter {
                 message = inbound.message() => match message {
                     Ok(Some(message)) => match message.body {
                         Some(collector_message::Body::Ack(ack)) => self.acknowledge(ack.batch_id),
-                        Some(collector_message::Body::Config(config))
-                            if (0.0..=1.0).contains(&config.sampling_ratio) =>
-                        {
-                            self.agent.set_sampling_ratio(config.sampling_ratio);
+                        Some(collector_message::Body::Config(config)) => {
+                            if let Some(ratio) = config.sampling_ratio.filter(|r| (0.0..=1.0).contains(r)) {
+                                self.agent.set_sampling_ratio(ratio);
+                            }
                         }
                         Some(collector_message::Body::Backpressure(bp)) => {
                             paused_until = tokio::time::Instant::now() + Duration::from_millis(bp.retry_after_millis);

@@ -19,6 +19,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub limits: Limits,
     pub writer: WriterConfig,
+    pub agents: AgentsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +44,14 @@ pub struct ReceiversConfig {
     pub grpc_listen: SocketAddr,
     /// OTLP/HTTP (protobuf and JSON).
     pub http_listen: SocketAddr,
+}
+
+/// What the collector tells connected agents.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// Sampling ratios pushed to agents (changeable at run time through the API).
+    pub sampling: crate::sampling::SamplingPolicy,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +100,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             limits: Limits::default(),
             writer: WriterConfig::default(),
+            agents: AgentsConfig::default(),
         }
     }
 }
@@ -190,6 +200,10 @@ impl Config {
         if self.writer.inserters == 0 || self.writer.batch_rows == 0 {
             anyhow::bail!("writer.inserters and writer.batch_rows must be at least 1");
         }
+        self.agents
+            .sampling
+            .check()
+            .map_err(|e| anyhow::anyhow!("agents.sampling: {e}"))?;
         Ok(())
     }
 }

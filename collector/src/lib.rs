@@ -1,5 +1,5 @@
-//! The Sightline collector: receives spans (OTLP gRPC/HTTP, and later the native
-//! `sightline.v1` protocol), validates and enriches them, writes them to ClickHouse, and serves
+//! The Sightline collector: receives spans (OTLP gRPC/HTTP and the native `sightline.v1`
+//! protocol), validates and enriches them, writes them to ClickHouse, and serves
 //! them back over an HTTP API. See `docs/architecture.md` for the way a span takes.
 
 pub mod api;
@@ -9,6 +9,7 @@ pub mod model;
 pub mod pipeline;
 pub mod query;
 pub mod receivers;
+pub mod sampling;
 pub mod serve;
 pub mod store;
 pub mod testing;

@@ -79,12 +79,17 @@ impl Collector {
         );
 
         let (stop, stopped) = watch::channel(false);
+        let sampling = Arc::new(watch::Sender::new(config.agents.sampling.clone()));
         let mut servers = JoinSet::new();
         // Without TCP_NODELAY a large export waits on delayed ACKs (40 ms a request).
         let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc = tonic::transport::Server::builder()
             .add_service(OtlpTraceService::new(pipeline.clone()))
-            .add_service(NativeAgentService::server(pipeline.clone(), stop.subscribe()));
+            .add_service(NativeAgentService::server(
+                pipeline.clone(),
+                stop.subscribe(),
+                sampling.subscribe(),
+            ));
         servers.spawn(async move { Ok(grpc.serve_with_incoming_shutdown(incoming, signal(stopped)).await?) });
         let http_app = otlp_http::router(pipeline);
         let stopped = stop.subscribe();
@@ -96,6 +101,7 @@ impl Collector {
         let api_app = api::router(ApiState {
             queries: Queries::new(client),
             metrics: metrics.clone(),
+            sampling,
         });
         let stopped = stop.subscribe();
         servers.spawn(async move {

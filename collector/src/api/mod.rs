@@ -7,7 +7,7 @@ mod params;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{rejection::JsonRejection, Path, Query, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
@@ -16,13 +16,15 @@ use axum::{
 use serde_json::json;
 use tracing::error;
 
-use crate::{metrics::Metrics, query::Queries};
+use crate::{metrics::Metrics, query::Queries, sampling::SamplingPolicy};
 pub use params::{parse_time, parse_window};
 
 #[derive(Clone)]
 pub struct ApiState {
     pub queries: Queries,
     pub metrics: Arc<Metrics>,
+    /// The sampling policy agent streams push to their agents.
+    pub sampling: Arc<tokio::sync::watch::Sender<SamplingPolicy>>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -30,6 +32,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/services", get(services))
         .route("/api/v1/traces", get(search_traces))
         .route("/api/v1/traces/{trace_id}", get(trace))
+        .route("/api/v1/agents/sampling", get(sampling).put(set_sampling))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/readyz", get(readyz))
@@ -73,6 +76,21 @@ impl IntoResponse for ApiError {
 }
 
 type Params = Query<HashMap<String, String>>;
+
+async fn sampling(State(state): State<ApiState>) -> Json<SamplingPolicy> {
+    Json(state.sampling.borrow().clone())
+}
+
+/// Replaces the sampling policy; connected agents get their new ratio at once.
+async fn set_sampling(
+    State(state): State<ApiState>,
+    body: Result<Json<SamplingPolicy>, JsonRejection>,
+) -> Result<Json<SamplingPolicy>, ApiError> {
+    let Json(policy) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    policy.check().map_err(ApiError::bad_request)?;
+    state.sampling.send_replace(policy.clone());
+    Ok(Json(policy))
+}
 
 async fn services(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {
     let window = parse_window(&params)?;

@@ -5,14 +5,15 @@
 //! not help, and it must not block the batches behind it). When the collector is busy the agent
 //! is told to back off and the stream ends; the agent reconnects and sends again what was not
 //! acknowledged. A batch that breaks the stream's dictionary ends the stream with
-//! INVALID_ARGUMENT.
+//! INVALID_ARGUMENT. The collector's sampling ratio for the agent's service goes back on the
+//! stream once the service is known (its first batch) and whenever the policy changes.
 
 use std::pin::Pin;
 
 use sightline_proto::v1::{
     agent_message,
     agent_server::{Agent, AgentServer},
-    collector_message, Ack, AgentMessage, Backpressure, CollectorMessage,
+    collector_message, Ack, AgentConfig, AgentMessage, Backpressure, CollectorMessage,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
@@ -22,6 +23,7 @@ use tracing::debug;
 use crate::{
     metrics::AgentLabels,
     pipeline::{native::Dictionary, IngestError, NativeError, Pipeline},
+    sampling::SamplingPolicy,
     store::rows::HeartbeatRow,
 };
 
@@ -30,15 +32,25 @@ const RECEIVER: &str = "native";
 pub struct NativeAgentService {
     pipeline: Pipeline,
     stopping: watch::Receiver<bool>,
+    sampling: watch::Receiver<SamplingPolicy>,
 }
 
 impl NativeAgentService {
     /// The service, with the collector's request size limit on each message. Streams end when
     /// `stopping` turns true: an agent's stream never ends by itself, and a graceful shutdown
-    /// waits for every stream.
-    pub fn server(pipeline: Pipeline, stopping: watch::Receiver<bool>) -> AgentServer<Self> {
+    /// waits for every stream. `sampling` is the policy pushed to agents.
+    pub fn server(
+        pipeline: Pipeline,
+        stopping: watch::Receiver<bool>,
+        sampling: watch::Receiver<SamplingPolicy>,
+    ) -> AgentServer<Self> {
         let max = pipeline.limits().max_request_bytes;
-        AgentServer::new(Self { pipeline, stopping }).max_decoding_message_size(max)
+        AgentServer::new(Self {
+            pipeline,
+            stopping,
+            sampling,
+        })
+        .max_decoding_message_size(max)
     }
 }
 
@@ -53,18 +65,32 @@ impl Agent for NativeAgentService {
         let (tx, rx) = mpsc::channel::<Result<CollectorMessage, Status>>(64);
         let pipeline = self.pipeline.clone();
         let mut stopping = self.stopping.clone();
+        let mut sampling = self.sampling.clone();
         tokio::spawn(async move {
             let mut dictionary = Dictionary::default();
             let reply = |body| Ok(CollectorMessage { body: Some(body) });
+            // The agent's service (from its first batch) and the ratio it was last told.
+            let mut service: Option<String> = None;
+            let mut told: Option<f64> = None;
             loop {
                 let next = tokio::select! {
-                    next = inbound.message() => next,
-                    _ = stopping.wait_for(|stop| *stop) => return,
+                    next = inbound.message() => Next::Message(next),
+                    _ = stopping.wait_for(|stop| *stop) => Next::Stop,
+                    changed = sampling.changed() => Next::Policy(changed.is_ok()),
                 };
                 let message = match next {
-                    Ok(Some(message)) => message,
-                    Ok(None) => return,
-                    Err(status) => {
+                    Next::Stop | Next::Policy(false) => return,
+                    Next::Policy(true) => {
+                        if let Some(config) = sampling_update(&sampling, service.as_deref(), &mut told) {
+                            if tx.send(reply(config)).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    Next::Message(Ok(Some(message))) => message,
+                    Next::Message(Ok(None)) => return,
+                    Next::Message(Err(status)) => {
                         debug!("agent stream ended: {status}");
                         return;
                     }
@@ -72,7 +98,20 @@ impl Agent for NativeAgentService {
                 match message.body {
                     Some(agent_message::Body::Batch(batch)) => {
                         let batch_id = batch.batch_id;
-                        match pipeline.ingest_native(RECEIVER, batch, &mut dictionary) {
+                        let service_id = batch.resource.as_ref().map(|r| r.service);
+                        let result = pipeline.ingest_native(RECEIVER, batch, &mut dictionary);
+                        if service.is_none() {
+                            service = service_id
+                                .and_then(|id| dictionary.get(id).ok())
+                                .filter(|s| !s.is_empty())
+                                .map(str::to_string);
+                            if let Some(config) = sampling_update(&sampling, service.as_deref(), &mut told) {
+                                if tx.send(reply(config)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        match result {
                             Ok(_) | Err(NativeError::Ingest(IngestError::Invalid(_))) => {
                                 let ack = collector_message::Body::Ack(Ack { batch_id });
                                 if tx.send(reply(ack)).await.is_err() {
@@ -132,4 +171,30 @@ impl Agent for NativeAgentService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// What a stream waits for.
+enum Next {
+    Message(Result<Option<AgentMessage>, Status>),
+    Stop,
+    /// The sampling policy changed (false: its sender is gone, the collector is stopping).
+    Policy(bool),
+}
+
+/// The configuration to send when the policy's ratio for `service` differs from what the agent
+/// was last told.
+fn sampling_update(
+    policy: &watch::Receiver<SamplingPolicy>,
+    service: Option<&str>,
+    told: &mut Option<f64>,
+) -> Option<collector_message::Body> {
+    let ratio = policy.borrow().ratio_for(service?)?;
+    if *told == Some(ratio) {
+        return None;
+    }
+    *told = Some(ratio);
+    Some(collector_message::Body::Config(AgentConfig {
+        sampling_ratio: Some(ratio),
+        ..AgentConfig::default()
+    }))
 }
