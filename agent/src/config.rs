@@ -1,5 +1,17 @@
 use std::time::Duration;
 
+/// What the agent speaks to `collector`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// The Sightline collector's `sightline.v1` stream: spans, exact RED histograms under
+    /// sampling, in-flight snapshots, heartbeats, sampling pushed back.
+    #[default]
+    Native,
+    /// OTLP/gRPC trace export to any OpenTelemetry backend: sampled spans only (RED is then
+    /// computed by the backend from what it receives).
+    Otlp,
+}
+
 /// How the agent identifies its service and where it sends.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -9,8 +21,10 @@ pub struct Config {
     pub version: String,
     /// This process, e.g. a pod name. Empty: `<host>-<pid>`.
     pub instance: String,
-    /// The collector's gRPC endpoint.
+    /// The collector's gRPC endpoint (or, with [`Protocol::Otlp`], any OTLP/gRPC receiver).
     pub collector: String,
+    /// How to speak to it.
+    pub protocol: Protocol,
     /// Share of business transactions whose call chain is recorded, 0.0..=1.0. RED figures of
     /// transactions count every request regardless. The collector may change it at run time.
     pub sampling_ratio: f64,
@@ -39,6 +53,7 @@ impl Default for Config {
             version: String::new(),
             instance: String::new(),
             collector: "http://127.0.0.1:4317".into(),
+            protocol: Protocol::Native,
             sampling_ratio: 1.0,
             queue_batches: 8192,
             max_pending_spans: 200_000,

@@ -28,8 +28,8 @@ use tracing::{debug, warn};
 use crate::{
     agent::Agent,
     clock,
-    config::Config,
-    inflight,
+    config::{Config, Protocol},
+    inflight, otlp,
     span::{self, Detail, Kind, Name, Record, SharedName},
 };
 
@@ -38,23 +38,27 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 const MAX_BATCH_SPANS: usize = 8192;
 
 /// A sampled span, complete, waiting to be sent.
-struct Finished {
-    trace_id: u128,
-    span_id: u64,
-    parent_span_id: u64,
-    operation: Name,
-    kind: Kind,
-    component: Name,
-    peer: Name,
-    bt: SharedName,
-    start_unix_ns: u64,
-    duration_ns: u64,
-    detail: Option<Box<Detail>>,
+pub(crate) struct Finished {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub parent_span_id: u64,
+    pub operation: Name,
+    pub kind: Kind,
+    pub component: Name,
+    pub peer: Name,
+    pub bt: SharedName,
+    pub start_unix_ns: u64,
+    pub duration_ns: u64,
+    pub detail: Option<Box<Detail>>,
 }
 
 impl Finished {
-    fn error(&self) -> Option<&(Name, String)> {
+    pub(crate) fn error(&self) -> Option<&(Name, String)> {
         self.detail.as_ref().and_then(|d| d.error.as_ref())
+    }
+
+    pub(crate) fn caller(&self) -> Option<&(String, String)> {
+        self.detail.as_ref().and_then(|d| d.caller.as_ref())
     }
 }
 
@@ -160,6 +164,9 @@ impl Exporter {
 
     /// Runs until `stop` fires, then sends what is left (waiting up to 5 s for the collector).
     pub(crate) async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        if self.config.protocol == Protocol::Otlp {
+            return self.run_otlp(stop).await;
+        }
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.session(&mut stop).await {
@@ -182,6 +189,75 @@ impl Exporter {
                 }
             }
         }
+    }
+
+    /// The OTLP option: the same draining, pending cap and drop counting; every flush sends the
+    /// pending spans oldest first, one request per batch, and a batch leaves only once the
+    /// receiver accepted it. RED histograms and in-flight snapshots have no place in OTLP
+    /// traces and are discarded.
+    async fn run_otlp(mut self, mut stop: oneshot::Receiver<()>) {
+        let mut client = None;
+        let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+        let mut flush = tokio::time::interval(self.config.flush_interval);
+        let mut backoff = Duration::ZERO;
+        let mut retry_at = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = drain.tick() => self.collect(),
+                _ = flush.tick() => {
+                    self.collect();
+                    if tokio::time::Instant::now() < retry_at {
+                        continue;
+                    }
+                    match self.export_otlp(&mut client).await {
+                        Ok(()) => backoff = Duration::ZERO,
+                        Err(e) => {
+                            backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
+                            retry_at = tokio::time::Instant::now() + backoff;
+                            debug!("sightline OTLP export: {e}; again in {backoff:?}");
+                        }
+                    }
+                }
+                _ = &mut stop => {
+                    self.collect();
+                    let deadline = Duration::from_secs(5);
+                    if tokio::time::timeout(deadline, self.export_otlp(&mut client)).await.is_err()
+                        || !self.pending.is_empty()
+                    {
+                        warn!(batches = self.pending.len(), "sightline: shutting down with unsent spans");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn export_otlp(&mut self, client: &mut Option<otlp::OtlpClient>) -> Result<(), String> {
+        self.red.clear();
+        for batch in self.cut_batches() {
+            self.pending.push_back(batch);
+        }
+        while let Some(batch) = self.pending.front() {
+            if !batch.spans.is_empty() {
+                if client.is_none() {
+                    *client = Some(otlp::OtlpClient::connect(self.config.collector.clone()).await?);
+                }
+                let identity = otlp::Identity {
+                    service: self.agent.service(),
+                    version: &self.agent.version,
+                    instance: &self.agent.instance,
+                };
+                let request = otlp::request(&identity, &batch.spans);
+                let sent = client.as_mut().expect("connected above").export(request).await;
+                if let Err(e) = sent {
+                    *client = None;
+                    return Err(e);
+                }
+            }
+            let done = self.pending.pop_front().expect("front exists");
+            self.pending_spans -= done.spans.len();
+        }
+        Ok(())
     }
 
     /// One stream to the collector. Ok when stopped, Err when the stream broke.
@@ -419,8 +495,8 @@ impl Exporter {
                         })
                         .collect()
                 }),
-                caller_service: caller(s).map_or(0, |c| dictionary.id(&c.0)),
-                caller_operation: caller(s).map_or(0, |c| dictionary.id(&c.1)),
+                caller_service: s.caller().map_or(0, |c| dictionary.id(&c.0)),
+                caller_operation: s.caller().map_or(0, |c| dictionary.id(&c.1)),
             })
             .collect();
         let histograms = batch
@@ -506,10 +582,6 @@ impl Exporter {
             })),
         }
     }
-}
-
-fn caller(span: &Finished) -> Option<&(String, String)> {
-    span.detail.as_ref().and_then(|d| d.caller.as_ref())
 }
 
 fn kind(kind: Kind) -> SpanKind {

@@ -30,6 +30,9 @@
 //! # }
 //! ```
 //!
+//! To feed any OpenTelemetry backend instead, set `protocol: sightline::Protocol::Otlp` and point
+//! `collector` at its OTLP/gRPC endpoint (sampled spans only; see [`Protocol`]).
+//!
 //! Async work: `future.instrument(...)` is spelled `span.instrument(future)`:
 //!
 //! ```no_run
@@ -45,6 +48,7 @@ mod config;
 mod exporter;
 pub mod future;
 mod inflight;
+mod otlp;
 pub mod propagation;
 mod span;
 pub mod tower;
@@ -53,7 +57,7 @@ pub mod tracing_layer;
 
 use std::{sync::atomic::Ordering, thread::JoinHandle};
 
-pub use config::Config;
+pub use config::{Config, Protocol};
 pub use span::{EnteredSpan, Kind, Name, Span, SpanBuilder};
 
 /// Why the agent could not start.

@@ -185,7 +185,10 @@ fn convert_span(
     } else {
         otlp.name
     };
-    let component = if let Some(system) = db_system {
+    // Sightline's agent in OTLP mode names the component itself.
+    let component = if let Some(component) = attr("sightline.component") {
+        component
+    } else if let Some(system) = db_system {
         if CACHE_SYSTEMS.contains(&system) {
             "cache"
         } else {
@@ -254,7 +257,7 @@ fn convert_span(
         instance: instance.to_string(),
         operation: bound(operation, limits.max_name_bytes, &mut truncated),
         kind,
-        component: component.to_string(),
+        component: bound(component.to_string(), limits.max_name_bytes, &mut truncated),
         peer: bound(peer, limits.max_name_bytes, &mut truncated),
         bt: bound(bt, limits.max_name_bytes, &mut truncated),
         start_ns: start,

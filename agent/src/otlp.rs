@@ -1,0 +1,158 @@
+//! The OTLP exporter option ([`crate::Protocol::Otlp`]): sampled spans as OTLP/gRPC
+//! `ExportTraceServiceRequest`s, so the agent can feed any OTLP backend (the Sightline
+//! collector's OTLP receiver included).
+//!
+//! Sightline's own fields become attributes an OTLP backend understands: the BT as
+//! `sightline.bt`, the caller from baggage as `sightline.caller.service` /
+//! `sightline.caller.operation`, calls out with `peer.service`, `sightline.component` and the
+//! semantic convention of their kind (`db.system`, `messaging.system`, `rpc.system`), errors as
+//! an ERROR status with `error.type`. What OTLP traces cannot carry is not sent: the exact RED
+//! histograms (an OTLP backend computes RED from the sampled spans it gets) and in-flight
+//! snapshots; for those, use the native protocol.
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
+    common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue},
+    resource::v1::Resource,
+    trace::v1::{span::SpanKind as OtlpKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status},
+};
+use tonic::transport::Channel;
+
+use crate::{exporter::Finished, span::Kind};
+
+/// The gRPC method every OTLP trace receiver serves.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// A connection to an OTLP/gRPC trace receiver.
+pub(crate) struct OtlpClient {
+    grpc: tonic::client::Grpc<Channel>,
+}
+
+impl OtlpClient {
+    pub(crate) async fn connect(endpoint: String) -> Result<Self, String> {
+        let channel = Channel::from_shared(endpoint)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            grpc: tonic::client::Grpc::new(channel),
+        })
+    }
+
+    /// Sends one request; Ok once the receiver accepted it.
+    pub(crate) async fn export(&mut self, request: ExportTraceServiceRequest) -> Result<(), String> {
+        self.grpc.ready().await.map_err(|e| e.to_string())?;
+        let codec = tonic_prost::ProstCodec::<ExportTraceServiceRequest, ExportTraceServiceResponse>::default();
+        let path = http::uri::PathAndQuery::from_static(EXPORT_PATH);
+        self.grpc
+            .unary(tonic::Request::new(request), path, codec)
+            .await
+            .map(|_| ())
+            .map_err(|status| format!("OTLP export refused: {status}"))
+    }
+}
+
+/// The process's identity as an OTLP resource.
+pub(crate) struct Identity<'a> {
+    pub service: &'a str,
+    pub version: &'a str,
+    pub instance: &'a str,
+}
+
+/// One request for `spans`, all from this process.
+pub(crate) fn request(identity: &Identity<'_>, spans: &[Finished]) -> ExportTraceServiceRequest {
+    let mut resource = vec![kv("service.name", identity.service)];
+    if !identity.version.is_empty() {
+        resource.push(kv("service.version", identity.version));
+    }
+    resource.push(kv("service.instance.id", identity.instance));
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: resource,
+                ..Resource::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: "sightline".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    ..InstrumentationScope::default()
+                }),
+                spans: spans.iter().map(span).collect(),
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        }],
+    }
+}
+
+fn span(finished: &Finished) -> Span {
+    let mut attributes = vec![kv("sightline.bt", &finished.bt)];
+    if !finished.component.is_empty() {
+        attributes.push(kv("sightline.component", &finished.component));
+    }
+    if !finished.peer.is_empty() {
+        attributes.push(kv("peer.service", &finished.peer));
+        // "postgres:orders" is system and namespace; the semantic convention of the kind.
+        let (system, namespace) = finished.peer.split_once(':').unwrap_or((&finished.peer, ""));
+        match finished.component.as_ref() {
+            "db" | "cache" => {
+                attributes.push(kv("db.system", system));
+                if !namespace.is_empty() {
+                    attributes.push(kv("db.namespace", namespace));
+                }
+            }
+            "mq" => attributes.push(kv("messaging.system", system)),
+            "grpc" => attributes.push(kv("rpc.system", "grpc")),
+            _ => {}
+        }
+    }
+    if let Some((service, operation)) = finished.caller() {
+        attributes.push(kv("sightline.caller.service", service));
+        attributes.push(kv("sightline.caller.operation", operation));
+    }
+    let mut status = None;
+    if let Some((error_type, message)) = finished.error() {
+        attributes.push(kv("error.type", error_type));
+        status = Some(Status {
+            message: message.clone(),
+            code: StatusCode::Error as i32,
+        });
+    }
+    if let Some(detail) = &finished.detail {
+        attributes.extend(detail.attributes.iter().map(|(k, v)| kv(k, v)));
+    }
+    Span {
+        trace_id: finished.trace_id.to_be_bytes().to_vec(),
+        span_id: finished.span_id.to_be_bytes().to_vec(),
+        parent_span_id: if finished.parent_span_id == 0 {
+            Vec::new()
+        } else {
+            finished.parent_span_id.to_be_bytes().to_vec()
+        },
+        name: finished.operation.to_string(),
+        kind: match finished.kind {
+            Kind::Internal => OtlpKind::Internal,
+            Kind::Server => OtlpKind::Server,
+            Kind::Client => OtlpKind::Client,
+            Kind::Producer => OtlpKind::Producer,
+            Kind::Consumer => OtlpKind::Consumer,
+        } as i32,
+        start_time_unix_nano: finished.start_unix_ns,
+        end_time_unix_nano: finished.start_unix_ns + finished.duration_ns,
+        attributes,
+        status,
+        ..Span::default()
+    }
+}
+
+fn kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_string())),
+        }),
+        ..KeyValue::default()
+    }
+}
