@@ -50,6 +50,8 @@ pub mod future;
 mod inflight;
 mod otlp;
 pub mod propagation;
+#[cfg(feature = "reqwest")]
+pub mod reqwest;
 mod span;
 pub mod tower;
 #[cfg(feature = "tracing-layer")]
