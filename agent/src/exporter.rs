@@ -9,7 +9,8 @@
 //! drops.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, VecDeque},
+    hash::{Hash, Hasher},
     sync::atomic::Ordering,
     time::Duration,
 };
@@ -105,6 +106,83 @@ impl RedValue {
     }
 }
 
+/// RED per key. Keys are found by a fingerprint of their parts, so that a span whose key exists
+/// (nearly every span) costs a hash and a compare, no allocation: building an owned key per span
+/// showed in the exporter's profile.
+#[derive(Default)]
+struct RedTable {
+    by_fingerprint: FxHashMap<u64, Vec<(RedKey, RedValue)>>,
+}
+
+impl RedTable {
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        minute: u64,
+        bt: &SharedName,
+        operation: &Name,
+        kind: Kind,
+        stage: &'static str,
+        error: bool,
+        micros: u64,
+    ) {
+        let mut hasher = rustc_hash::FxHasher::default();
+        (minute, &**bt, operation.as_ref(), kind, stage, error).hash(&mut hasher);
+        let same = |k: &RedKey| {
+            k.minute == minute
+                && k.kind == kind
+                && k.stage == stage
+                && k.error == error
+                && *k.bt == **bt
+                && k.operation == *operation
+        };
+        let slot = self.by_fingerprint.entry(hasher.finish()).or_default();
+        match slot.iter_mut().find(|(k, _)| same(k)) {
+            Some((_, value)) => value.record(micros, error),
+            None => {
+                let mut value = RedValue::default();
+                value.record(micros, error);
+                let key = RedKey {
+                    minute,
+                    bt: bt.clone(),
+                    operation: operation.clone(),
+                    kind,
+                    stage,
+                    error,
+                };
+                slot.push((key, value));
+            }
+        }
+    }
+
+    /// Adds RED taken out earlier (a dropped batch's) back in.
+    fn add(&mut self, key: RedKey, value: RedValue) {
+        let mut hasher = rustc_hash::FxHasher::default();
+        (
+            key.minute,
+            &*key.bt,
+            key.operation.as_ref(),
+            key.kind,
+            key.stage,
+            key.error,
+        )
+            .hash(&mut hasher);
+        let slot = self.by_fingerprint.entry(hasher.finish()).or_default();
+        match slot.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, existing)) => existing.add(value),
+            None => slot.push((key, value)),
+        }
+    }
+
+    fn drain(&mut self) -> Vec<(RedKey, RedValue)> {
+        self.by_fingerprint.drain().flat_map(|(_, slot)| slot).collect()
+    }
+
+    fn clear(&mut self) {
+        self.by_fingerprint.clear();
+    }
+}
+
 /// The stage a span's time belongs to.
 fn stage(span: &Record) -> &'static str {
     match (span.kind, span.component.as_ref()) {
@@ -119,7 +197,7 @@ fn stage(span: &Record) -> &'static str {
 /// Per-stream string table; index 0 is "".
 #[derive(Default)]
 struct Dictionary {
-    index: HashMap<String, u32>,
+    index: FxHashMap<String, u32>,
     added: Vec<String>,
 }
 
@@ -143,7 +221,7 @@ pub(crate) struct Exporter {
     agent: &'static Agent,
     pending: VecDeque<Pending>,
     pending_spans: usize,
-    red: FxHashMap<RedKey, RedValue>,
+    red: RedTable,
     next_batch_id: u64,
     sent_spans: u64,
 }
@@ -156,7 +234,7 @@ impl Exporter {
             agent,
             pending: VecDeque::new(),
             pending_spans: 0,
-            red: FxHashMap::default(),
+            red: RedTable::default(),
             next_batch_id,
             sent_spans: 0,
         }
@@ -359,25 +437,20 @@ impl Exporter {
         let red = &mut self.red;
         self.agent.drain(|batch: &mut span::Batch| {
             // Holes (span id 0) are spans that were still open and moved to a later batch.
-            for mut span in batch.records.drain(..).filter(|r| r.span_id != 0) {
+            for span in batch.records.drain(..).filter(|r| r.span_id != 0) {
                 let trace = &batch.traces[span.trace as usize];
                 let start_unix_ns = clock::unix_ns(span.start_raw);
                 let duration_ns = clock::delta_ns(span.start_raw, span.end_raw);
                 let error = span.detail.as_ref().is_some_and(|d| d.error.is_some());
-                let key = RedKey {
-                    minute: start_unix_ns / 1_000_000_000 / 60 * 60,
-                    bt: trace.bt.clone(),
-                    // Unsampled spans are done with their name: move it rather than copy.
-                    operation: if trace.sampled {
-                        span.operation.clone()
-                    } else {
-                        std::mem::take(&mut span.operation)
-                    },
-                    kind: span.kind,
-                    stage: stage(&span),
+                red.record(
+                    start_unix_ns / 1_000_000_000 / 60 * 60,
+                    &trace.bt,
+                    &span.operation,
+                    span.kind,
+                    stage(&span),
                     error,
-                };
-                red.entry(key).or_default().record(duration_ns.div_ceil(1000), error);
+                    duration_ns.div_ceil(1000),
+                );
                 if trace.sampled {
                     incoming.push(Finished {
                         trace_id: trace.trace_id,
@@ -416,7 +489,7 @@ impl Exporter {
             if oldest.spans.is_empty() {
                 let emptied = self.pending.pop_front().expect("front exists");
                 for (key, value) in emptied.histograms {
-                    self.red.entry(key).or_default().add(value);
+                    self.red.add(key, value);
                 }
             }
         }
@@ -431,7 +504,7 @@ impl Exporter {
             unsent.spans.append(&mut spans);
             spans = unsent.spans;
         }
-        let mut histograms: Vec<_> = self.red.drain().collect();
+        let mut histograms = self.red.drain();
         let mut batches = Vec::new();
         while !spans.is_empty() || !histograms.is_empty() {
             let rest = spans.split_off(spans.len().min(MAX_BATCH_SPANS));

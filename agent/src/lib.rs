@@ -159,14 +159,18 @@ pub fn sampling_ratio() -> f64 {
     agent::get().map_or(0.0, |a| a.sampling_ratio())
 }
 
-/// The exporter must never take CPU from the application's own threads: it runs niced, so the
-/// scheduler gives it only what they leave (its bursts of encoding otherwise showed as tail
-/// latency; benches/README.md).
+/// The exporter must never take CPU from the application's own threads: it runs under
+/// `SCHED_IDLE`, so the scheduler runs it only when they leave the CPU idle and lets a waking
+/// application thread preempt it at once (niced, its encoding bursts still showed as tail
+/// latency; benches/README.md). Where that is refused, it is niced instead.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: setpriority on this thread's own id; no memory is touched.
+    // SAFETY: scheduling calls on this thread only (pid 0 / its own tid); no memory is shared.
     unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        }
     }
 }

@@ -13,8 +13,7 @@
 //! Run: cargo build --release -p sightline-collector -p sightline-benches && target/release/ingest-bench
 
 use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -34,6 +33,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use sightline_benches::{collector_binary, cpu_seconds, CollectorProcess};
 use sightline_collector::{
     receivers::otlp_grpc::{PassThrough, EXPORT_PATH},
     store::launcher::ClickHouseServer,
@@ -246,23 +246,6 @@ fn requests(total: usize, per_request: usize) -> Vec<Bytes> {
     out
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// User + system CPU seconds of a process.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // After the command name: state is field 0, utime 11, stime 12 (stat(5) fields 14 and 15).
-    (ticks(11) + ticks(12)) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 const CHUNK: usize = 50_000;
 
 /// Inserts the collector's rows, exported as RowBinary in `order`, into a fresh copy of the
@@ -359,15 +342,6 @@ async fn http_get_body(url: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-struct Collector(Child);
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -377,40 +351,22 @@ async fn main() -> anyhow::Result<()> {
     CH_PID.store(u64::from(ch_pid), Ordering::Relaxed);
     let admin = sightline_collector::store::client(&server.url(), "default", &Default::default());
 
-    let binary: PathBuf = std::env::current_exe()?.with_file_name("sightline");
-    if !binary.exists() {
-        bail!(
-            "{} not found: cargo build --release -p sightline-collector",
-            binary.display()
-        );
-    }
-    let (grpc, http, api) = (free_port(), free_port(), free_port());
-    let collector = Collector(
-        Command::new(&binary)
-            .arg("serve")
-            .env("SIGHTLINE_CLICKHOUSE__URL", server.url())
-            .env("SIGHTLINE_CLICKHOUSE__DATABASE", "ingest")
-            .env("SIGHTLINE_RECEIVERS__GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
-            .env("SIGHTLINE_RECEIVERS__HTTP_LISTEN", format!("127.0.0.1:{http}"))
-            .env("SIGHTLINE_API__LISTEN", format!("127.0.0.1:{api}"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let ready_deadline = Instant::now() + Duration::from_secs(60);
-    while http_get(&format!("http://127.0.0.1:{api}/readyz")).await.ok() != Some(200) {
-        if Instant::now() > ready_deadline {
-            bail!("collector not ready");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let collector = CollectorProcess::start(
+        Command::new(collector_binary()?),
+        &[
+            ("SIGHTLINE_CLICKHOUSE__URL", server.url()),
+            ("SIGHTLINE_CLICKHOUSE__DATABASE", "ingest".into()),
+        ],
+    )
+    .await?;
+    let (grpc, api) = (collector.grpc, collector.api);
 
     eprintln!("encoding {} spans...", args.spans);
     let requests = Arc::new(requests(args.spans, args.spans_per_request));
     let request_bytes: usize = requests.iter().map(Bytes::len).sum();
 
     // --- Collector: OTLP/gRPC end to end.
-    let (cpu0, ch_cpu0) = (cpu_seconds(collector.0.id()), cpu_seconds(ch_pid));
+    let (cpu0, ch_cpu0) = (cpu_seconds(collector.pid()), cpu_seconds(ch_pid));
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let busy = Arc::new(AtomicU64::new(0));
@@ -456,7 +412,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let collector_secs = started.elapsed().as_secs_f64();
-    let collector_cpu = cpu_seconds(collector.0.id()) - cpu0;
+    let collector_cpu = cpu_seconds(collector.pid()) - cpu0;
     let ch_cpu_collector = cpu_seconds(ch_pid) - ch_cpu0;
     let collector_rate = args.spans as f64 / collector_secs;
     let (_, metrics) = http_get_body(&format!("http://127.0.0.1:{api}/metrics")).await?;
