@@ -36,6 +36,11 @@ pub struct Config {
     /// Spans the exporter keeps while the collector is slow or away (not yet acknowledged).
     /// Past it the oldest are dropped and counted.
     pub max_pending_spans: usize,
+    /// The memory those spans may take (each span's record and the strings it owns); the
+    /// agent's memory cap while the collector is away. Past it the oldest are dropped and
+    /// counted. Besides it, each application thread's ring holds at most `queue_batches`
+    /// hand-offs of at most 128 spans.
+    pub max_pending_bytes: usize,
     /// How often the exporter sends what it has.
     pub flush_interval: Duration,
     /// How often the agent says it is alive.
@@ -57,6 +62,7 @@ impl Default for Config {
             sampling_ratio: 1.0,
             queue_batches: 8192,
             max_pending_spans: 200_000,
+            max_pending_bytes: 64 << 20,
             // Small, frequent sends: one large batch every half second showed as tail latency.
             flush_interval: Duration::from_millis(100),
             heartbeat_interval: Duration::from_secs(10),

@@ -5,7 +5,7 @@
 //! per-minute RED histograms (exact: unsampled transactions count too), and sends batches on a
 //! `sightline.v1` stream with a per-stream string dictionary. Batches stay pending until the
 //! collector acknowledges them and are sent again on a new stream after a reconnect; past
-//! `max_pending_spans` the oldest are dropped and counted. Heartbeats report queue depth and
+//! `max_pending_spans` or `max_pending_bytes` the oldest are dropped and counted. Heartbeats report queue depth and
 //! drops.
 
 use std::{
@@ -67,7 +67,39 @@ impl Finished {
 struct Pending {
     batch_id: u64,
     spans: Vec<Finished>,
+    /// What `spans` take in memory, by [`span_bytes`].
+    bytes: usize,
     histograms: Vec<(RedKey, RedValue)>,
+}
+
+impl Pending {
+    fn new(batch_id: u64, spans: Vec<Finished>, histograms: Vec<(RedKey, RedValue)>) -> Self {
+        let bytes = spans.iter().map(span_bytes).sum();
+        Self {
+            batch_id,
+            spans,
+            bytes,
+            histograms,
+        }
+    }
+}
+
+/// The memory a pending span holds: its record and the strings it owns.
+fn span_bytes(span: &Finished) -> usize {
+    let owned = |name: &Name| match name {
+        Name::Owned(s) => s.capacity(),
+        Name::Borrowed(_) => 0,
+    };
+    let detail = span.detail.as_ref().map_or(0, |d| {
+        std::mem::size_of::<Detail>()
+            + d.error.as_ref().map_or(0, |(t, m)| owned(t) + m.capacity())
+            + d.attributes
+                .iter()
+                .map(|(k, v)| std::mem::size_of::<(Name, String)>() + owned(k) + v.capacity())
+                .sum::<usize>()
+            + d.caller.as_ref().map_or(0, |(s, o)| s.capacity() + o.capacity())
+    });
+    std::mem::size_of::<Finished>() + owned(&span.operation) + owned(&span.component) + owned(&span.peer) + detail
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -221,6 +253,7 @@ pub(crate) struct Exporter {
     agent: &'static Agent,
     pending: VecDeque<Pending>,
     pending_spans: usize,
+    pending_bytes: usize,
     red: RedTable,
     next_batch_id: u64,
     sent_spans: u64,
@@ -234,6 +267,7 @@ impl Exporter {
             agent,
             pending: VecDeque::new(),
             pending_spans: 0,
+            pending_bytes: 0,
             red: RedTable::default(),
             next_batch_id,
             sent_spans: 0,
@@ -334,6 +368,7 @@ impl Exporter {
             }
             let done = self.pending.pop_front().expect("front exists");
             self.pending_spans -= done.spans.len();
+            self.pending_bytes -= done.bytes;
         }
         Ok(())
     }
@@ -471,20 +506,29 @@ impl Exporter {
         if incoming.is_empty() {
             return;
         }
-        self.pending_spans += incoming.len();
-        self.pending.push_back(Pending {
-            batch_id: 0,
-            spans: incoming,
-            histograms: Vec::new(),
-        });
-        // Over the cap: exactly the excess goes, oldest spans first. RED is never dropped: a
+        let incoming = Pending::new(0, incoming, Vec::new());
+        self.pending_spans += incoming.spans.len();
+        self.pending_bytes += incoming.bytes;
+        self.pending.push_back(incoming);
+        // Over a cap: exactly the excess goes, oldest spans first. RED is never dropped: a
         // discarded batch's histograms go back to be sent again.
-        while self.pending_spans > self.config.max_pending_spans {
-            let excess = self.pending_spans - self.config.max_pending_spans;
+        let (max_spans, max_bytes) = (self.config.max_pending_spans, self.config.max_pending_bytes);
+        while self.pending_spans > max_spans || self.pending_bytes > max_bytes {
+            let excess_spans = self.pending_spans.saturating_sub(max_spans);
+            let excess_bytes = self.pending_bytes.saturating_sub(max_bytes);
             let Some(oldest) = self.pending.front_mut() else { break };
-            let cut = excess.min(oldest.spans.len());
+            let (mut cut, mut cut_bytes) = (0, 0);
+            for span in &oldest.spans {
+                if cut >= excess_spans && cut_bytes >= excess_bytes {
+                    break;
+                }
+                cut += 1;
+                cut_bytes += span_bytes(span);
+            }
             oldest.spans.drain(..cut);
+            oldest.bytes -= cut_bytes;
             self.pending_spans -= cut;
+            self.pending_bytes -= cut_bytes;
             self.agent.dropped_spans.fetch_add(cut as u64, Ordering::Relaxed);
             if oldest.spans.is_empty() {
                 let emptied = self.pending.pop_front().expect("front exists");
@@ -511,11 +555,7 @@ impl Exporter {
             let chunk = std::mem::replace(&mut spans, rest);
             self.next_batch_id += 1;
             self.sent_spans += chunk.len() as u64;
-            batches.push(Pending {
-                batch_id: self.next_batch_id,
-                spans: chunk,
-                histograms: std::mem::take(&mut histograms),
-            });
+            batches.push(Pending::new(self.next_batch_id, chunk, std::mem::take(&mut histograms)));
         }
         batches
     }
@@ -524,6 +564,7 @@ impl Exporter {
         if let Some(i) = self.pending.iter().position(|p| p.batch_id == batch_id) {
             let done = self.pending.remove(i).expect("found");
             self.pending_spans -= done.spans.len();
+            self.pending_bytes -= done.bytes;
         }
     }
 
@@ -664,5 +705,109 @@ fn kind(kind: Kind) -> SpanKind {
         Kind::Client => SpanKind::Client,
         Kind::Producer => SpanKind::Producer,
         Kind::Consumer => SpanKind::Consumer,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::span::{Batch, Record, TraceCtx};
+
+    /// An agent of its own (not the process's), and `spans` sampled spans of `attribute_bytes`
+    /// each handed to it from one thread.
+    fn handed_off(spans: u64, attribute_bytes: usize) -> &'static Agent {
+        let agent: &'static Agent = Box::leak(Box::new(Agent::new(
+            "test".into(),
+            "1".into(),
+            "test-1".into(),
+            64,
+            1.0,
+        )));
+        let mut ring = agent.new_ring();
+        let trace = Arc::new(TraceCtx {
+            trace_id: 7,
+            sampled: true,
+            bt: SharedName::Static("Import"),
+            entry_operation: SharedName::Static("POST /import"),
+            entry_span_id: 1,
+            start_unix_ns: 0,
+            current_call: Mutex::new(None),
+        });
+        let mut batch = Batch::default();
+        batch.traces.push(trace);
+        for span_id in 1..=spans {
+            batch.records.push(Record {
+                trace: 0,
+                kind: Kind::Client,
+                entry: false,
+                span_id,
+                parent_span_id: 0,
+                start_raw: crate::clock::now_raw(),
+                end_raw: crate::clock::now_raw(),
+                operation: Name::Borrowed("INSERT row"),
+                component: Name::Borrowed("db"),
+                peer: Name::Borrowed("postgres"),
+                detail: Some(Box::new(Detail {
+                    attributes: vec![(Name::Borrowed("db.query.text"), "x".repeat(attribute_bytes))],
+                    ..Detail::default()
+                })),
+            });
+        }
+        ring.send(batch, agent);
+        agent
+    }
+
+    #[test]
+    fn pending_spans_stay_under_the_byte_cap_dropping_the_oldest() {
+        let agent = handed_off(1000, 1000);
+        let config = Config {
+            max_pending_bytes: 100_000,
+            ..Config::default()
+        };
+        let mut exporter = Exporter::new(config, agent);
+        exporter.collect();
+        assert!(
+            exporter.pending_bytes <= 100_000,
+            "{} bytes held",
+            exporter.pending_bytes
+        );
+        assert!(
+            exporter.pending_bytes > 90_000,
+            "only the excess goes: {}",
+            exporter.pending_bytes
+        );
+        let kept: Vec<u64> = exporter
+            .pending
+            .iter()
+            .flat_map(|p| p.spans.iter().map(|s| s.span_id))
+            .collect();
+        let dropped = agent.dropped_spans.load(Ordering::Relaxed);
+        assert_eq!(dropped + kept.len() as u64, 1000);
+        assert_eq!(kept.first(), Some(&(dropped + 1)), "the newest are kept");
+        assert_eq!(kept.last(), Some(&1000));
+        // RED counts every span, dropped or not.
+        let calls: u64 = exporter.red.drain().iter().map(|(_, v)| v.calls).sum();
+        assert_eq!(calls, 1000);
+    }
+
+    #[test]
+    fn the_span_cap_and_the_byte_cap_both_hold() {
+        let agent = handed_off(500, 10);
+        let config = Config {
+            max_pending_spans: 100,
+            ..Config::default()
+        };
+        let mut exporter = Exporter::new(config, agent);
+        exporter.collect();
+        assert_eq!(exporter.pending_spans, 100);
+        assert_eq!(agent.dropped_spans.load(Ordering::Relaxed), 400);
+        let bytes: usize = exporter
+            .pending
+            .iter()
+            .flat_map(|p| p.spans.iter().map(span_bytes))
+            .sum();
+        assert_eq!(exporter.pending_bytes, bytes, "the byte count follows what is held");
     }
 }

@@ -11,7 +11,9 @@ use crate::{
     span::{self, Current, Span},
 };
 
+/// The W3C Trace Context header: trace id, parent span id, sampled flag.
 pub const TRACEPARENT: &str = "traceparent";
+/// The W3C Baggage header: Sightline puts the BT and the caller's service and operation here.
 pub const BAGGAGE: &str = "baggage";
 const BT_KEY: &str = "bt";
 const CALLER_KEY: &str = "sl.caller";
@@ -30,11 +32,17 @@ const BAGGAGE_VALUE: &AsciiSet = &CONTROLS
 /// What arrived from the calling service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteContext {
+    /// The trace this service's work continues.
     pub trace_id: u128,
+    /// The caller's span (its client span) that this service's entry span is a child of.
     pub parent_span_id: u64,
+    /// Whether the caller records this trace; followed, so a trace is whole or absent.
     pub sampled: bool,
+    /// The business transaction the caller serves (baggage `bt`).
     pub bt: Option<String>,
+    /// The calling service (baggage `sl.caller`): one side of a topology edge.
     pub caller_service: Option<String>,
+    /// The caller's entry operation (baggage `sl.caller_op`).
     pub caller_operation: Option<String>,
 }
 

@@ -35,12 +35,15 @@ pub const FLUSH_AT: usize = 128;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Kind {
+    /// Work inside the service: a step of a handler.
     Internal = 1,
     /// Work entering the service: an HTTP route, an RPC method.
     Server = 2,
     /// A call out: database, cache, another service.
     Client = 3,
+    /// A message sent to a queue.
     Producer = 4,
+    /// A message taken from a queue and handled.
     Consumer = 5,
 }
 
@@ -436,6 +439,8 @@ impl SpanBuilder {
         self
     }
 
+    /// The span's kind, when neither [`crate::transaction`] (server) nor
+    /// [`SpanBuilder::client`] says it.
     #[inline]
     pub fn kind(mut self, kind: Kind) -> Self {
         self.kind = kind;

@@ -35,6 +35,7 @@ pub struct ServerLayer {
 }
 
 impl ServerLayer {
+    /// Operations name their own BT until [`ServerLayer::naming`] says otherwise.
     pub fn new() -> Self {
         Self::default()
     }
@@ -58,6 +59,7 @@ impl<S> Layer<S> for ServerLayer {
     }
 }
 
+/// The service [`ServerLayer`] wraps around a server's.
 #[derive(Clone)]
 pub struct ServerService<S> {
     inner: S,
@@ -145,6 +147,7 @@ impl<S> Layer<S> for ClientLayer {
     }
 }
 
+/// The service [`ClientLayer`] wraps around a client's.
 #[derive(Clone)]
 pub struct ClientService<S> {
     inner: S,
