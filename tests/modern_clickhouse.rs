@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::json;
 use sightline_collector::{
-    query::{Queries, TraceFilter, Window},
+    query::{Queries, TopologyFilter, TraceFilter, Window},
     store::schema::{all_statements, Ddl},
 };
 use sightline_tests::{python, python_script};
@@ -33,6 +33,10 @@ fn modern_ddl_and_read_queries_run_on_current_clickhouse() {
         error,
         limit: 20,
     };
+    let topology = |bt: &str, version: &str| TopologyFilter {
+        bt: Some(bt.into()),
+        version: (!version.is_empty()).then(|| version.into()),
+    };
     let sql = |q: clickhouse::query::Query| q.sql_display().to_string();
     let spec = json!({
         "database": database,
@@ -49,6 +53,9 @@ fn modern_ddl_and_read_queries_run_on_current_clickhouse() {
             "services": { "sql": sql(queries.services_query(window)), "rows": 1 },
             "agents": { "sql": sql(queries.agents_query(window)), "rows": 0 },
             "stuck": { "sql": sql(queries.stuck_query(1_700_000_000)), "rows": 0 },
+            "topology": { "sql": sql(queries.topology_query(window, &TopologyFilter::default())), "rows": 1 },
+            "topology_bt": { "sql": sql(queries.topology_query(window, &topology("Login", "1.4.2"))), "rows": 1 },
+            "topology_none": { "sql": sql(queries.topology_query(window, &topology("Login' OR 1=1 --", ""))), "rows": 0 },
         },
     });
     let file = tempfile::NamedTempFile::new().unwrap();

@@ -38,15 +38,17 @@ async fn old_day_partitions_are_dropped_and_recent_ones_kept() {
         .await;
     }
     let ch = store::client(&url, &database, &config.clickhouse);
-    let latency_minutes = || async {
-        ch.query("SELECT count(DISTINCT minute) FROM latency_1m")
+    let minutes = |table: &'static str| {
+        ch.query(&format!("SELECT count(DISTINCT minute) FROM {table}"))
             .fetch_one::<u64>()
-            .await
-            .unwrap()
     };
-    eventually("latency rows for both days", Duration::from_secs(20), || async {
-        (latency_minutes().await == 2).then_some(())
-    })
+    eventually(
+        "latency and edge rows for both days",
+        Duration::from_secs(20),
+        || async {
+            (minutes("latency_1m").await.unwrap() == 2 && minutes("edges_1m").await.unwrap() == 2).then_some(())
+        },
+    )
     .await;
 
     let today = time::OffsetDateTime::now_utc().date();
@@ -56,7 +58,11 @@ async fn old_day_partitions_are_dropped_and_recent_ones_kept() {
         .map(|d| d.split('/').next().unwrap().to_string())
         .collect();
     tables.sort();
-    assert_eq!(tables, ["latency_1m", "spans", "trace_index"], "{dropped:?}");
+    assert_eq!(
+        tables,
+        ["edges_1m", "latency_1m", "spans", "trace_index"],
+        "{dropped:?}"
+    );
 
     assert_eq!(
         get(&format!("{api}/api/v1/traces/{}", hex::encode(&old))).await.status,
@@ -68,7 +74,8 @@ async fn old_day_partitions_are_dropped_and_recent_ones_kept() {
             .status,
         200
     );
-    assert_eq!(latency_minutes().await, 1);
+    assert_eq!(minutes("latency_1m").await.unwrap(), 1);
+    assert_eq!(minutes("edges_1m").await.unwrap(), 1);
     // A second pass finds nothing more to drop.
     assert!(store::retention::drop_expired(&ch, &database, 30, today)
         .await

@@ -20,6 +20,7 @@ pub struct Config {
     pub limits: Limits,
     pub writer: WriterConfig,
     pub agents: AgentsConfig,
+    pub edges: EdgesConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,6 +45,25 @@ pub struct ReceiversConfig {
     pub grpc_listen: SocketAddr,
     /// OTLP/HTTP (protobuf and JSON).
     pub http_listen: SocketAddr,
+}
+
+/// Topology edges from OTLP spans: how long a client or server span waits for its other half.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgesConfig {
+    /// Past it, an unpaired client span becomes an edge to an external node.
+    pub pairing_window_ms: u64,
+    /// Spans waiting at most; past it the oldest expire early.
+    pub max_waiting: usize,
+}
+
+impl Default for EdgesConfig {
+    fn default() -> Self {
+        Self {
+            pairing_window_ms: 10_000,
+            max_waiting: 200_000,
+        }
+    }
 }
 
 /// What the collector tells connected agents.
@@ -101,6 +121,7 @@ impl Default for Config {
             limits: Limits::default(),
             writer: WriterConfig::default(),
             agents: AgentsConfig::default(),
+            edges: EdgesConfig::default(),
         }
     }
 }

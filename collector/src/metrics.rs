@@ -57,6 +57,14 @@ pub struct Metrics {
     pub agent_dropped_spans: Family<AgentLabels, Gauge>,
     /// Each agent's hand-off queue depth, from its heartbeats.
     pub agent_queue_depth: Family<AgentLabels, Gauge>,
+    /// Calls whose client and server spans were paired into an edge.
+    pub edge_pairs_paired: Counter,
+    /// Client or server spans whose other half did not come within the window.
+    pub edge_pairs_expired: Counter,
+    /// Spans waiting for their other half.
+    pub edge_pairing_waiting: Gauge,
+    /// paired / (paired + expired) since start.
+    pub edge_completeness: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -77,6 +85,10 @@ impl Metrics {
             agent_heartbeats: Counter::default(),
             agent_dropped_spans: Family::default(),
             agent_queue_depth: Family::default(),
+            edge_pairs_paired: Counter::default(),
+            edge_pairs_expired: Counter::default(),
+            edge_pairing_waiting: Gauge::default(),
+            edge_completeness: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -123,6 +135,26 @@ impl Metrics {
             "insert_duration_seconds",
             "Time per INSERT, by table",
             metrics.insert_duration_seconds.clone(),
+        );
+        registry.register(
+            "edge_pairs_paired",
+            "Calls whose client and server spans were paired into a topology edge",
+            metrics.edge_pairs_paired.clone(),
+        );
+        registry.register(
+            "edge_pairs_expired",
+            "Client or server spans whose other half did not arrive within the pairing window",
+            metrics.edge_pairs_expired.clone(),
+        );
+        registry.register(
+            "edge_pairing_waiting",
+            "Spans waiting in the pairing store for their other half",
+            metrics.edge_pairing_waiting.clone(),
+        );
+        registry.register(
+            "edge_completeness",
+            "Edge completeness: paired / (paired + expired)",
+            metrics.edge_completeness.clone(),
         );
         registry.register(
             "agent_heartbeats",

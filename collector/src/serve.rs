@@ -67,7 +67,15 @@ impl Collector {
 
         let metrics = Arc::new(Metrics::new());
         let (writer_handle, writer_tasks) = writer::start(client.clone(), &config.writer, metrics.clone());
-        let pipeline = Pipeline::new(config.limits.clone(), metrics.clone(), writer_handle);
+        let pipeline = Pipeline::new(config.limits.clone(), &config.edges, metrics.clone(), writer_handle);
+        let sweeping = pipeline.clone();
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                sweeping.sweep_edges();
+            }
+        });
 
         let grpc_listener = bind(config.receivers.grpc_listen, "OTLP/gRPC").await?;
         let http_listener = bind(config.receivers.http_listen, "OTLP/HTTP").await?;

@@ -2,7 +2,7 @@
 
 Input: a JSON file {"ddl": [...], "database": "...", "queries": {name: {"sql": ..., "rows": N}}}.
 Inserts two spans of one trace through spans_input (so the materialized views run), a latency
-row twice (so SummingMergeTree has something to sum), then runs each query and checks its row
+row and an edge row twice each (so SummingMergeTree has something to sum), then runs each query and checks its row
 count. Exits non-zero with the failing statement on any error.
 """
 
@@ -43,6 +43,16 @@ run("OPTIMIZE TABLE latency_1m FINAL")
 merged = json.loads(str(run("SELECT sum(calls) AS calls, sumMap(`histMap.bucket`, `histMap.count`) AS hist FROM latency_1m")).strip())
 if int(merged["calls"]) != 4 or [int(c) for c in merged["hist"][1]] != [2, 2]:
     sys.exit(f"FAILED: latency_1m did not sum: {merged}")
+
+for _ in range(2):
+    run("""INSERT INTO edges_1m (minute, caller, caller_type, callee, callee_type, bt, caller_version,
+             callee_version, calls, errors, duration_us_sum, `histMap.bucket`, `histMap.count`)
+           VALUES (toDateTime(1700000000), 'web', 'service', 'auth', 'service', 'Login', '2.0', '1.4.2',
+                   3, 1, 360000, [119807], [3])""")
+run("OPTIMIZE TABLE edges_1m FINAL")
+merged = json.loads(str(run("SELECT sum(calls) AS calls, count() AS rows FROM edges_1m")).strip())
+if int(merged["calls"]) != 6 or int(merged["rows"]) != 1:
+    sys.exit(f"FAILED: edges_1m did not sum: {merged}")
 
 failures = []
 for name, query in spec["queries"].items():

@@ -32,6 +32,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/services", get(services))
         .route("/api/v1/traces", get(search_traces))
         .route("/api/v1/traces/{trace_id}", get(trace))
+        .route("/api/v1/topology", get(topology))
         .route("/api/v1/agents/sampling", get(sampling).put(set_sampling))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
@@ -96,6 +97,17 @@ async fn services(State(state): State<ApiState>, Query(params): Params) -> Resul
     let window = parse_window(&params)?;
     let services = state.queries.services(window).await.map_err(ApiError::storage)?;
     Ok(Json(json!({ "services": services })).into_response())
+}
+
+async fn topology(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {
+    let window = parse_window(&params)?;
+    let filter = params::topology_filter(&params)?;
+    let topology = state
+        .queries
+        .topology(window, &filter)
+        .await
+        .map_err(ApiError::storage)?;
+    Ok(Json(topology).into_response())
 }
 
 async fn search_traces(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use super::ApiError;
-use crate::query::{TraceFilter, Window};
+use crate::query::{TopologyFilter, TraceFilter, Window};
 
 /// The window when `from`/`to` are not given.
 pub const DEFAULT_WINDOW_US: u64 = 15 * 60 * 1_000_000;
@@ -64,6 +64,13 @@ fn name(params: &HashMap<String, String>, key: &str) -> Result<Option<String>, A
         ))),
         Some(v) => Ok(Some(v.clone())),
     }
+}
+
+pub fn topology_filter(params: &HashMap<String, String>) -> Result<TopologyFilter, ApiError> {
+    Ok(TopologyFilter {
+        bt: name(params, "bt")?,
+        version: name(params, "version")?,
+    })
 }
 
 pub fn trace_filter(params: &HashMap<String, String>) -> Result<TraceFilter, ApiError> {

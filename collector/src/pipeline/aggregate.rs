@@ -33,7 +33,15 @@ pub struct LatencyValue {
 }
 
 impl LatencyValue {
-    fn add(&mut self, other: LatencyValue) {
+    /// Counts one call of `micros`.
+    pub fn record(&mut self, micros: u64, error: bool) {
+        self.calls += 1;
+        self.errors += u64::from(error);
+        self.duration_us_sum += micros;
+        *self.histogram.entry(histogram::bucket_of(micros)).or_insert(0) += 1;
+    }
+
+    pub fn add(&mut self, other: LatencyValue) {
         self.calls += other.calls;
         self.errors += other.errors;
         self.duration_us_sum += other.duration_us_sum;

@@ -6,6 +6,7 @@
 //! cores; the queue is the one hand-off, and a full queue is answered with "retry later".
 
 pub mod aggregate;
+pub mod edges;
 pub mod enrich;
 pub mod native;
 pub mod otlp;
@@ -27,6 +28,7 @@ use crate::{
     },
 };
 use aggregate::LatencyAggregates;
+use edges::Pairing;
 
 /// How long a sender is asked to wait when the queue is full.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -36,6 +38,7 @@ pub struct Pipeline {
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
     writer: WriterHandle,
+    pairing: Arc<Pairing>,
 }
 
 /// A request the pipeline took, possibly in part.
@@ -58,11 +61,34 @@ pub enum IngestError {
 }
 
 impl Pipeline {
-    pub fn new(limits: Limits, metrics: Arc<Metrics>, writer: WriterHandle) -> Self {
+    pub fn new(
+        limits: Limits,
+        edges: &crate::config::EdgesConfig,
+        metrics: Arc<Metrics>,
+        writer: WriterHandle,
+    ) -> Self {
+        let pairing = Pairing::new(
+            Duration::from_millis(edges.pairing_window_ms),
+            edges.max_waiting,
+            metrics.clone(),
+        );
         Self {
             limits: Arc::new(limits),
             metrics,
             writer,
+            pairing: Arc::new(pairing),
+        }
+    }
+
+    /// Ends the wait of spans whose other half did not come in time (every second, from
+    /// `serve`); their edges go to the writer. A full queue loses them (counted as dropped).
+    pub fn sweep_edges(&self) {
+        let edges = self.pairing.sweep();
+        if !edges.is_empty() {
+            let _ = self.writer.try_submit(WriteBatch {
+                edges,
+                ..WriteBatch::default()
+            });
         }
     }
 
@@ -164,12 +190,14 @@ impl Pipeline {
         if aggregate_spans {
             latency.merge(LatencyAggregates::from_spans(&spans));
         }
+        let edges = self.pairing.edges(&spans);
         let accepted = spans.len() as u64;
         if self
             .writer
             .try_submit(WriteBatch {
                 spans,
                 latency,
+                edges,
                 inflight,
                 ..WriteBatch::default()
             })

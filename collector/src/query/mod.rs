@@ -1,10 +1,14 @@
 //! Read queries behind the HTTP API. Every value a user sends is bound with `?` (escaped by the
 //! client), never spliced into SQL text.
 
+mod topology;
+
 use std::collections::HashMap;
 
 use clickhouse::{query::Query, Client, Row};
 use serde::{Deserialize, Serialize};
+
+pub use topology::{EdgeView, NodeView, Topology, TopologyFilter, Traffic};
 
 /// The API's time window: [from, to) in Unix microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,14 @@ use time::{macros::format_description, Date, OffsetDateTime};
 use tracing::{info, warn};
 
 /// Tables partitioned by day (`partition_id` = YYYYMMDD).
-const DAY_PARTITIONED: [&str; 5] = ["spans", "trace_index", "latency_1m", "agent_heartbeats", "inflight"];
+const DAY_PARTITIONED: [&str; 6] = [
+    "spans",
+    "trace_index",
+    "latency_1m",
+    "edges_1m",
+    "agent_heartbeats",
+    "inflight",
+];
 pub const INTERVAL: Duration = Duration::from_secs(3600);
 
 #[derive(Row, Deserialize)]

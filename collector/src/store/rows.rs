@@ -6,7 +6,10 @@ use serde::{ser::SerializeSeq, Serialize, Serializer};
 
 use crate::{
     model::Span,
-    pipeline::aggregate::{LatencyKey, LatencyValue},
+    pipeline::{
+        aggregate::{LatencyKey, LatencyValue},
+        edges::EdgeKey,
+    },
 };
 
 /// One row of `spans_input` (see `schema.rs`).
@@ -102,6 +105,46 @@ impl<'a> LatencyRow<'a> {
             operation: &key.operation,
             kind: key.kind as i8,
             status: key.status as i8,
+            calls: value.calls,
+            errors: value.errors,
+            duration_us_sum: value.duration_us_sum,
+            buckets: value.histogram.keys().copied().collect(),
+            counts: value.histogram.values().copied().collect(),
+        }
+    }
+}
+
+/// One row of `edges_1m`: a partial sum that SummingMergeTree adds to the others.
+#[derive(Row, Serialize)]
+pub struct EdgeRow<'a> {
+    minute: u32,
+    caller: &'a str,
+    caller_type: i8,
+    callee: &'a str,
+    callee_type: i8,
+    bt: &'a str,
+    caller_version: &'a str,
+    callee_version: &'a str,
+    calls: u64,
+    errors: u64,
+    duration_us_sum: u64,
+    #[serde(rename = "histMap.bucket")]
+    buckets: Vec<u64>,
+    #[serde(rename = "histMap.count")]
+    counts: Vec<u64>,
+}
+
+impl<'a> EdgeRow<'a> {
+    pub fn new(key: &'a EdgeKey, value: &LatencyValue) -> Self {
+        Self {
+            minute: key.minute,
+            caller: &key.caller,
+            caller_type: key.caller_type as i8,
+            callee: &key.callee,
+            callee_type: key.callee_type as i8,
+            bt: &key.bt,
+            caller_version: &key.caller_version,
+            callee_version: &key.callee_version,
             calls: value.calls,
             errors: value.errors,
             duration_us_sum: value.duration_us_sum,

@@ -43,7 +43,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "agent heartbeats and in-flight transactions",
         statements: agent_tables,
     },
+    Migration {
+        id: 4,
+        name: "per-minute topology edges",
+        statements: edge_tables,
+    },
 ];
+
+/// Node types of topology edges (crate::pipeline::edges::NodeType).
+pub const NODE_ENUM: &str = "Enum8('user' = 1, 'service' = 2, 'database' = 3, 'cache' = 4, 'mq' = 5, 'external' = 6)";
 
 pub const KIND_ENUM: &str =
     "Enum8('unspecified' = 0, 'internal' = 1, 'server' = 2, 'client' = 3, 'producer' = 4, 'consumer' = 5)";
@@ -221,6 +229,29 @@ fn latency_tables(d: &Ddl) -> Vec<String> {
 ) ENGINE = SummingMergeTree((calls, errors, duration_us_sum))
 PARTITION BY toDate(minute)
 ORDER BY (service, minute, service_version, bt, operation, kind, status)"
+    )]
+}
+
+fn edge_tables(d: &Ddl) -> Vec<String> {
+    let db = &d.database;
+    // Like latency_1m: SummingMergeTree adds partials per key, `histMap` by bucket.
+    vec![format!(
+        "CREATE TABLE IF NOT EXISTS {db}.edges_1m (
+  minute DateTime,
+  caller LowCardinality(String),
+  caller_type {NODE_ENUM},
+  callee LowCardinality(String),
+  callee_type {NODE_ENUM},
+  bt LowCardinality(String),
+  caller_version LowCardinality(String),
+  callee_version LowCardinality(String),
+  calls UInt64,
+  errors UInt64,
+  duration_us_sum UInt64,
+  histMap Nested(bucket UInt64, count UInt64)
+) ENGINE = SummingMergeTree((calls, errors, duration_us_sum))
+PARTITION BY toDate(minute)
+ORDER BY (minute, caller, callee, bt, caller_type, callee_type, caller_version, callee_version)"
     )]
 }
 

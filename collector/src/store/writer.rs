@@ -17,12 +17,15 @@ use tokio::{
 };
 use tracing::{error, warn};
 
-use super::rows::{HeartbeatRow, InflightRow, LatencyRow, SpanRow};
+use super::rows::{EdgeRow, HeartbeatRow, InflightRow, LatencyRow, SpanRow};
 use crate::{
     config::WriterConfig,
     metrics::{Metrics, ReasonLabel, TableLabel},
     model::Span,
-    pipeline::aggregate::{LatencyAggregates, LatencyKey, LatencyValue},
+    pipeline::{
+        aggregate::{LatencyAggregates, LatencyKey, LatencyValue},
+        edges::{EdgeAggregates, EdgeKey},
+    },
 };
 
 /// What one receiver request contributes.
@@ -30,6 +33,7 @@ use crate::{
 pub struct WriteBatch {
     pub spans: Vec<Span>,
     pub latency: LatencyAggregates,
+    pub edges: EdgeAggregates,
     pub heartbeats: Vec<HeartbeatRow>,
     pub inflight: Vec<InflightRow>,
 }
@@ -62,6 +66,7 @@ impl WriterHandle {
 enum InsertJob {
     Spans(Vec<Span>),
     Latency(Vec<(LatencyKey, LatencyValue)>),
+    Edges(Vec<(EdgeKey, LatencyValue)>),
     Heartbeats(Vec<HeartbeatRow>),
     Inflight(Vec<InflightRow>),
 }
@@ -105,6 +110,7 @@ async fn batcher(
     let interval = config.flush_interval();
     let mut spans: Vec<Span> = Vec::new();
     let mut latency = LatencyAggregates::default();
+    let mut edges = EdgeAggregates::default();
     let (mut heartbeats, mut inflight) = (Vec::new(), Vec::new());
     let mut deadline: Option<Instant> = None;
     loop {
@@ -124,6 +130,7 @@ async fn batcher(
                 }
                 spans.extend(batch.spans);
                 latency.merge(batch.latency);
+                edges.merge(batch.edges);
                 heartbeats.extend(batch.heartbeats);
                 inflight.extend(batch.inflight);
                 deadline.get_or_insert_with(|| Instant::now() + interval);
@@ -142,6 +149,10 @@ async fn batcher(
                 }
                 let rows = latency.drain();
                 if !rows.is_empty() && jobs.send(InsertJob::Latency(rows)).await.is_err() {
+                    return;
+                }
+                let rows = edges.drain();
+                if !rows.is_empty() && jobs.send(InsertJob::Edges(rows)).await.is_err() {
                     return;
                 }
                 if !heartbeats.is_empty()
@@ -187,6 +198,7 @@ async fn inserter(
         let (table, rows) = match &job {
             InsertJob::Spans(spans) => ("spans", spans.len()),
             InsertJob::Latency(rows) => ("latency_1m", rows.len()),
+            InsertJob::Edges(rows) => ("edges_1m", rows.len()),
             InsertJob::Heartbeats(rows) => ("agent_heartbeats", rows.len()),
             InsertJob::Inflight(rows) => ("inflight", rows.len()),
         };
@@ -198,6 +210,7 @@ async fn inserter(
             let result = match &job {
                 InsertJob::Spans(spans) => insert_spans(&client, spans).await,
                 InsertJob::Latency(rows) => insert_latency(&client, rows).await,
+                InsertJob::Edges(rows) => insert_edges(&client, rows).await,
                 InsertJob::Heartbeats(rows) => insert_owned(&client, "agent_heartbeats", rows).await,
                 InsertJob::Inflight(rows) => insert_owned(&client, "inflight", rows).await,
             };
@@ -258,6 +271,17 @@ async fn insert_latency(client: &Client, rows: &[(LatencyKey, LatencyValue)]) ->
         .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
     for (key, value) in rows {
         insert.write(&LatencyRow::new(key, value)).await?;
+    }
+    insert.end().await
+}
+
+async fn insert_edges(client: &Client, rows: &[(EdgeKey, LatencyValue)]) -> clickhouse::error::Result<()> {
+    let mut insert = client
+        .insert::<EdgeRow<'_>>("edges_1m")
+        .await?
+        .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
+    for (key, value) in rows {
+        insert.write(&EdgeRow::new(key, value)).await?;
     }
     insert.end().await
 }

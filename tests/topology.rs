@@ -1,0 +1,461 @@
+//! Topology from a known OTLP workload: 6 services, a database, a cache, a queue and an
+//! external API. The collector pairs client and server spans (in either arrival order), turns
+//! calls to systems that send no spans into virtual nodes, and the topology has exactly the
+//! expected nodes and edges with exact call and error counts; the BT filter gives that BT's
+//! subgraph and the version filter the calls of one version.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::trace_service_client::TraceServiceClient,
+    common::v1::KeyValue,
+    trace::v1::{span::SpanKind, status::StatusCode, Span, Status},
+};
+use serde_json::Value;
+use sightline_collector::Collector;
+use sightline_tests::{
+    eventually, get, metric,
+    otlp::{kv, now_ns, request, trace_id},
+    testing,
+};
+
+/// Spans per service, built request by request.
+#[derive(Default)]
+struct Workload {
+    by_service: BTreeMap<&'static str, Vec<Span>>,
+    next_id: u64,
+}
+
+struct Call<'a> {
+    trace: &'a [u8],
+    parent: u64,
+    kind: SpanKind,
+    name: &'a str,
+    attributes: Vec<KeyValue>,
+    error: bool,
+}
+
+impl Workload {
+    /// Adds a span of `service`; returns its id.
+    fn span(&mut self, service: &'static str, bt: &str, call: Call<'_>) -> u64 {
+        self.next_id += 1;
+        let start = now_ns() - 2_000_000_000;
+        let mut attributes = call.attributes;
+        attributes.push(kv("bt", bt));
+        let span = Span {
+            trace_id: call.trace.to_vec(),
+            span_id: self.next_id.to_be_bytes().to_vec(),
+            parent_span_id: if call.parent == 0 {
+                vec![]
+            } else {
+                call.parent.to_be_bytes().to_vec()
+            },
+            name: call.name.into(),
+            kind: call.kind as i32,
+            start_time_unix_nano: start,
+            end_time_unix_nano: start + 5_000_000,
+            attributes,
+            status: call.error.then(|| Status {
+                code: StatusCode::Error as i32,
+                message: "failed".into(),
+            }),
+            ..Span::default()
+        };
+        self.by_service.entry(service).or_default().push(span);
+        self.next_id
+    }
+}
+
+fn call<'a>(trace: &'a [u8], parent: u64, kind: SpanKind, name: &'a str, attributes: Vec<KeyValue>) -> Call<'a> {
+    Call {
+        trace,
+        parent,
+        kind,
+        name,
+        attributes,
+        error: false,
+    }
+}
+
+const LOGINS: u64 = 120;
+const SENDS: u64 = 80;
+
+fn login(w: &mut Workload, i: u64) {
+    let t = trace_id();
+    let bt = "Login";
+    let entry = w.span(
+        "gateway",
+        bt,
+        call(
+            &t,
+            0,
+            SpanKind::Server,
+            "POST /login",
+            vec![kv("http.request.method", "POST"), kv("http.route", "/login")],
+        ),
+    );
+    let out = w.span(
+        "gateway",
+        bt,
+        call(
+            &t,
+            entry,
+            SpanKind::Client,
+            "POST",
+            vec![kv("http.request.method", "POST"), kv("peer.service", "auth")],
+        ),
+    );
+    let auth = w.span(
+        "auth",
+        bt,
+        Call {
+            error: i.is_multiple_of(10),
+            ..call(
+                &t,
+                out,
+                SpanKind::Server,
+                "POST /check",
+                vec![kv("http.request.method", "POST"), kv("http.route", "/check")],
+            )
+        },
+    );
+    w.span(
+        "auth",
+        bt,
+        call(&t, auth, SpanKind::Client, "GET", vec![kv("db.system", "redis")]),
+    );
+    w.span(
+        "auth",
+        bt,
+        call(
+            &t,
+            auth,
+            SpanKind::Client,
+            "SELECT",
+            vec![kv("db.system", "postgresql"), kv("db.namespace", "users")],
+        ),
+    );
+    let out = w.span(
+        "auth",
+        bt,
+        call(
+            &t,
+            auth,
+            SpanKind::Client,
+            "Sessions/Create",
+            vec![kv("rpc.system", "grpc"), kv("peer.service", "sessions")],
+        ),
+    );
+    w.span(
+        "sessions",
+        bt,
+        call(
+            &t,
+            out,
+            SpanKind::Server,
+            "Sessions/Create",
+            vec![
+                kv("rpc.system", "grpc"),
+                kv("rpc.service", "Sessions"),
+                kv("rpc.method", "Create"),
+            ],
+        ),
+    );
+}
+
+fn send_message(w: &mut Workload, i: u64) {
+    let t = trace_id();
+    let bt = "SendMessage";
+    let entry = w.span(
+        "gateway",
+        bt,
+        call(
+            &t,
+            0,
+            SpanKind::Server,
+            "POST /messages",
+            vec![kv("http.request.method", "POST"), kv("http.route", "/messages")],
+        ),
+    );
+    let out = w.span(
+        "gateway",
+        bt,
+        call(
+            &t,
+            entry,
+            SpanKind::Client,
+            "Messages/Send",
+            vec![kv("rpc.system", "grpc"), kv("peer.service", "messages")],
+        ),
+    );
+    let messages = w.span(
+        "messages",
+        bt,
+        call(
+            &t,
+            out,
+            SpanKind::Server,
+            "Messages/Send",
+            vec![
+                kv("rpc.system", "grpc"),
+                kv("rpc.service", "Messages"),
+                kv("rpc.method", "Send"),
+            ],
+        ),
+    );
+    w.span(
+        "messages",
+        bt,
+        call(
+            &t,
+            messages,
+            SpanKind::Client,
+            "INSERT",
+            vec![kv("db.system", "postgresql"), kv("db.namespace", "chat")],
+        ),
+    );
+    let produced = w.span(
+        "messages",
+        bt,
+        call(
+            &t,
+            messages,
+            SpanKind::Producer,
+            "events publish",
+            vec![
+                kv("messaging.system", "kafka"),
+                kv("messaging.destination.name", "events"),
+            ],
+        ),
+    );
+    w.span(
+        "billing",
+        bt,
+        call(
+            &t,
+            produced,
+            SpanKind::Consumer,
+            "events process",
+            vec![
+                kv("messaging.system", "kafka"),
+                kv("messaging.destination.name", "events"),
+            ],
+        ),
+    );
+    let out = w.span(
+        "messages",
+        bt,
+        call(
+            &t,
+            messages,
+            SpanKind::Client,
+            "Push/Notify",
+            vec![kv("rpc.system", "grpc"), kv("peer.service", "push")],
+        ),
+    );
+    let failed = i.is_multiple_of(7);
+    let push = w.span(
+        "push",
+        bt,
+        Call {
+            error: failed,
+            ..call(
+                &t,
+                out,
+                SpanKind::Server,
+                "Push/Notify",
+                vec![
+                    kv("rpc.system", "grpc"),
+                    kv("rpc.service", "Push"),
+                    kv("rpc.method", "Notify"),
+                ],
+            )
+        },
+    );
+    // An external API: it sends no spans, so this client span is never paired.
+    w.span(
+        "push",
+        bt,
+        Call {
+            error: failed,
+            ..call(
+                &t,
+                push,
+                SpanKind::Client,
+                "POST",
+                vec![
+                    kv("http.request.method", "POST"),
+                    kv("server.address", "api.push.example"),
+                ],
+            )
+        },
+    );
+}
+
+async fn send(client: &mut TraceServiceClient<tonic::transport::Channel>, w: &mut Workload, services: &[&'static str]) {
+    for service in services {
+        let spans = w.by_service.remove(service).unwrap_or_default();
+        let mut req = request(service, spans);
+        let version = if *service == "messages" { "1.5.0" } else { "1.0.0" };
+        req.resource_spans[0]
+            .resource
+            .as_mut()
+            .unwrap()
+            .attributes
+            .push(kv("service.version", version));
+        client.export(req).await.unwrap();
+    }
+}
+
+/// (caller, caller type, callee, callee type) -> (calls, errors)
+type Edges = BTreeMap<(String, String, String, String), (u64, u64)>;
+
+fn edges(topology: &Value) -> Edges {
+    topology["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap().to_string();
+            (
+                (s("caller"), s("caller_type"), s("callee"), s("callee_type")),
+                (e["calls"].as_u64().unwrap(), e["errors"].as_u64().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn edge(
+    caller: &str,
+    caller_type: &str,
+    callee: &str,
+    callee_type: &str,
+    calls: u64,
+    errors: u64,
+) -> ((String, String, String, String), (u64, u64)) {
+    (
+        (caller.into(), caller_type.into(), callee.into(), callee_type.into()),
+        (calls, errors),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_of_a_known_workload_is_exact() {
+    let mut config = testing::config("topology");
+    config.edges.pairing_window_ms = 1000;
+    let collector = Collector::start(config).await.unwrap();
+    let api = format!("http://{}", collector.api_addr);
+    let mut client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))
+        .await
+        .unwrap();
+
+    let mut w = Workload::default();
+    for i in 0..LOGINS {
+        login(&mut w, i);
+    }
+    // Callees first: server spans wait for their client spans.
+    send(&mut client, &mut w, &["sessions", "auth", "gateway"]).await;
+    for i in 0..SENDS {
+        send_message(&mut w, i);
+    }
+    // Callers first: client spans wait for their server spans.
+    send(&mut client, &mut w, &["gateway", "messages", "push", "billing"]).await;
+
+    let login_edges = [
+        edge("user", "user", "gateway", "service", LOGINS, 0),
+        edge("gateway", "service", "auth", "service", LOGINS, LOGINS / 10),
+        edge("auth", "service", "redis", "cache", LOGINS, 0),
+        edge("auth", "service", "postgresql:users", "database", LOGINS, 0),
+        edge("auth", "service", "sessions", "service", LOGINS, 0),
+    ];
+    let send_errors = (0..SENDS).filter(|i| i.is_multiple_of(7)).count() as u64;
+    let send_edges = [
+        edge("user", "user", "gateway", "service", SENDS, 0),
+        edge("gateway", "service", "messages", "service", SENDS, 0),
+        edge("messages", "service", "postgresql:chat", "database", SENDS, 0),
+        edge("messages", "service", "kafka:events", "mq", SENDS, 0),
+        edge("kafka:events", "mq", "billing", "service", SENDS, 0),
+        edge("messages", "service", "push", "service", SENDS, send_errors),
+        edge("push", "service", "api.push.example", "external", SENDS, send_errors),
+    ];
+    let mut expected: Edges = BTreeMap::new();
+    for (key, (calls, errors)) in login_edges.iter().chain(&send_edges).cloned() {
+        let e = expected.entry(key).or_default();
+        e.0 += calls;
+        e.1 += errors;
+    }
+    // The external edge appears once its client spans' window has passed.
+    let topology = eventually("the whole topology", Duration::from_secs(30), || async {
+        let topology = get(&format!("{api}/api/v1/topology")).await.json();
+        (edges(&topology) == expected).then_some(topology)
+    })
+    .await;
+
+    // Nodes: 6 services, the user, and the four virtual nodes, typed.
+    let nodes: BTreeMap<String, String> = topology["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap().into(), n["type"].as_str().unwrap().into()))
+        .collect();
+    let expected_nodes: BTreeMap<String, String> = [
+        ("user", "user"),
+        ("gateway", "service"),
+        ("auth", "service"),
+        ("sessions", "service"),
+        ("messages", "service"),
+        ("push", "service"),
+        ("billing", "service"),
+        ("redis", "cache"),
+        ("postgresql:users", "database"),
+        ("postgresql:chat", "database"),
+        ("kafka:events", "mq"),
+        ("api.push.example", "external"),
+    ]
+    .into_iter()
+    .map(|(n, t)| (n.to_string(), t.to_string()))
+    .collect();
+    assert_eq!(nodes, expected_nodes);
+    let auth = topology["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "auth")
+        .unwrap();
+    assert_eq!(
+        (auth["calls"].as_u64(), auth["errors"].as_u64()),
+        (Some(LOGINS), Some(LOGINS / 10))
+    );
+    assert!((auth["error_rate"].as_f64().unwrap() - 0.1).abs() < 1e-9);
+    assert!((4.9..=5.1).contains(&auth["p99_ms"].as_f64().unwrap()), "{auth}");
+
+    // One BT: only its subgraph.
+    let login_only = get(&format!("{api}/api/v1/topology?bt=Login")).await.json();
+    assert_eq!(edges(&login_only), login_edges.iter().cloned().collect::<Edges>());
+    // One version: the calls made by or to messages 1.5.0.
+    let v150 = get(&format!("{api}/api/v1/topology?version=1.5.0")).await.json();
+    let callers_callees: Vec<(String, String)> = edges(&v150).into_keys().map(|k| (k.0, k.2)).collect();
+    assert_eq!(
+        callers_callees,
+        [
+            ("gateway", "messages"),
+            ("messages", "kafka:events"),
+            ("messages", "postgresql:chat"),
+            ("messages", "push")
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+
+    // Edge completeness: every service-to-service call paired; the external calls expired.
+    let text = String::from_utf8(get(&format!("{api}/metrics")).await.body.to_vec()).unwrap();
+    let paired = 2 * LOGINS + 2 * SENDS;
+    assert_eq!(metric(&text, "sightline_edge_pairs_paired_total"), paired as f64);
+    assert_eq!(metric(&text, "sightline_edge_pairs_expired_total"), SENDS as f64);
+    let completeness = metric(&text, "sightline_edge_completeness");
+    assert!(
+        (completeness - paired as f64 / (paired + SENDS) as f64).abs() < 1e-9,
+        "{completeness}"
+    );
+    assert_eq!(metric(&text, "sightline_edge_pairing_waiting"), 0.0);
+    collector.shutdown().await.unwrap();
+}
