@@ -54,6 +54,7 @@ fn modern_ddl_and_read_queries_run_on_current_clickhouse() {
             "agents": { "sql": sql(queries.agents_query(window)), "rows": 0 },
             "stuck": { "sql": sql(queries.stuck_query(1_700_000_000)), "rows": 0 },
             "topology": { "sql": sql(queries.topology_query(window, &TopologyFilter::default())), "rows": 1 },
+            "topology_health": { "sql": sql(queries.health_query(window, &TopologyFilter::default())), "rows": 1 },
             "topology_bt": { "sql": sql(queries.topology_query(window, &topology("Login", "1.4.2"))), "rows": 1 },
             "topology_none": { "sql": sql(queries.topology_query(window, &topology("Login' OR 1=1 --", ""))), "rows": 0 },
         },

@@ -24,6 +24,8 @@ use sightline_tests::{
 struct Workload {
     by_service: BTreeMap<&'static str, Vec<Span>>,
     next_id: u64,
+    /// When new spans start (Unix ns); two seconds ago when unset.
+    start_ns: Option<u64>,
 }
 
 struct Call<'a> {
@@ -33,13 +35,14 @@ struct Call<'a> {
     name: &'a str,
     attributes: Vec<KeyValue>,
     error: bool,
+    duration_us: u64,
 }
 
 impl Workload {
     /// Adds a span of `service`; returns its id.
     fn span(&mut self, service: &'static str, bt: &str, call: Call<'_>) -> u64 {
         self.next_id += 1;
-        let start = now_ns() - 2_000_000_000;
+        let start = self.start_ns.unwrap_or_else(|| now_ns() - 2_000_000_000);
         let mut attributes = call.attributes;
         attributes.push(kv("bt", bt));
         let span = Span {
@@ -53,7 +56,7 @@ impl Workload {
             name: call.name.into(),
             kind: call.kind as i32,
             start_time_unix_nano: start,
-            end_time_unix_nano: start + 5_000_000,
+            end_time_unix_nano: start + call.duration_us * 1000,
             attributes,
             status: call.error.then(|| Status {
                 code: StatusCode::Error as i32,
@@ -74,6 +77,7 @@ fn call<'a>(trace: &'a [u8], parent: u64, kind: SpanKind, name: &'a str, attribu
         name,
         attributes,
         error: false,
+        duration_us: 5_000,
     }
 }
 
@@ -457,5 +461,114 @@ async fn topology_of_a_known_workload_is_exact() {
         "{completeness}"
     );
     assert_eq!(metric(&text, "sightline_edge_pairing_waiting"), 0.0);
+    collector.shutdown().await.unwrap();
+}
+
+/// The seed incident's shape: a cache that turns slow and failing. Twenty Logins a minute for 40
+/// minutes, the last three with the cache at 300 ms and 40% errors: the cache's node and edge
+/// are critical since the minute it turned; the services around it stay ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_turning_slow_and_failing_is_critical_since_it_turned() {
+    let collector = Collector::start(testing::config("topology_health")).await.unwrap();
+    let api = format!("http://{}", collector.api_addr);
+    let mut client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))
+        .await
+        .unwrap();
+
+    let now_minute = now_ns() / 60_000_000_000 * 60;
+    let turned = now_minute - 2 * 60;
+    let mut w = Workload::default();
+    for minute in (0..40).map(|k| now_minute - k * 60) {
+        for i in 0..20 {
+            w.start_ns = Some(minute * 1_000_000_000 + i * 1_000_000);
+            let t = trace_id();
+            let bad = minute >= turned;
+            let entry = w.span(
+                "gateway",
+                "Login",
+                call(
+                    &t,
+                    0,
+                    SpanKind::Server,
+                    "POST /login",
+                    vec![kv("http.route", "/login"), kv("http.request.method", "POST")],
+                ),
+            );
+            let out = w.span(
+                "gateway",
+                "Login",
+                call(
+                    &t,
+                    entry,
+                    SpanKind::Client,
+                    "POST",
+                    vec![kv("peer.service", "auth"), kv("http.request.method", "POST")],
+                ),
+            );
+            let auth = w.span(
+                "auth",
+                "Login",
+                Call {
+                    duration_us: 10_000,
+                    ..call(
+                        &t,
+                        out,
+                        SpanKind::Server,
+                        "POST /check",
+                        vec![kv("http.route", "/check"), kv("http.request.method", "POST")],
+                    )
+                },
+            );
+            w.span(
+                "auth",
+                "Login",
+                Call {
+                    error: bad && i % 5 < 2,
+                    duration_us: if bad { 300_000 } else { 5_000 },
+                    ..call(&t, auth, SpanKind::Client, "GET", vec![kv("db.system", "redis")])
+                },
+            );
+        }
+    }
+    send(&mut client, &mut w, &["auth", "gateway"]).await;
+
+    let health = |topology: &Value, caller: &str, callee: &str| -> (String, Option<u64>) {
+        let e = topology["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["caller"] == caller && e["callee"] == callee)
+            .unwrap();
+        (e["health"].as_str().unwrap().to_string(), e["health_since"].as_u64())
+    };
+    let topology = eventually("all 40 minutes stored", Duration::from_secs(30), || async {
+        let topology = get(&format!("{api}/api/v1/topology?from={}", (now_minute - 3600) * 1000))
+            .await
+            .json();
+        let edge = topology["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| e["callee"] == "redis")?
+            .clone();
+        (edge["calls"] == 800).then_some(topology)
+    })
+    .await;
+    let critical = ("critical".to_string(), Some(turned * 1000));
+    assert_eq!(health(&topology, "auth", "redis"), critical, "{topology:#}");
+    let redis = topology["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "redis")
+        .unwrap();
+    assert_eq!(
+        (
+            redis["health"].as_str().unwrap().to_string(),
+            redis["health_since"].as_u64()
+        ),
+        critical
+    );
+    assert_eq!(health(&topology, "gateway", "auth"), ("ok".to_string(), None));
+    assert_eq!(health(&topology, "user", "gateway"), ("ok".to_string(), None));
     collector.shutdown().await.unwrap();
 }
