@@ -42,13 +42,13 @@ async fn old_day_partitions_are_dropped_and_recent_ones_kept() {
         ch.query(&format!("SELECT count(DISTINCT minute) FROM {table}"))
             .fetch_one::<u64>()
     };
-    eventually(
-        "latency and edge rows for both days",
-        Duration::from_secs(20),
-        || async {
-            (minutes("latency_1m").await.unwrap() == 2 && minutes("edges_1m").await.unwrap() == 2).then_some(())
-        },
-    )
+    eventually("aggregate rows for both days", Duration::from_secs(20), || async {
+        let mut both_days = true;
+        for table in ["latency_1m", "edges_1m", "stages_1m"] {
+            both_days &= minutes(table).await.unwrap() == 2;
+        }
+        both_days.then_some(())
+    })
     .await;
 
     let today = time::OffsetDateTime::now_utc().date();
@@ -60,7 +60,7 @@ async fn old_day_partitions_are_dropped_and_recent_ones_kept() {
     tables.sort();
     assert_eq!(
         tables,
-        ["edges_1m", "latency_1m", "spans", "trace_index"],
+        ["edges_1m", "latency_1m", "spans", "stages_1m", "trace_index"],
         "{dropped:?}"
     );
 

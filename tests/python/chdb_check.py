@@ -54,6 +54,9 @@ merged = json.loads(str(run("SELECT sum(calls) AS calls, count() AS rows FROM ed
 if int(merged["calls"]) != 6 or int(merged["rows"]) != 1:
     sys.exit(f"FAILED: edges_1m did not sum: {merged}")
 
+run("""INSERT INTO stages_1m (minute, service, service_version, bt, stage, spans, self_us_sum)
+       VALUES (toDateTime(1700000000), 'auth', '1.4.2', 'Login', 'db', 2, 180000)""")
+
 failures = []
 for name, query in spec["queries"].items():
     out = str(run(query["sql"])).strip()

@@ -33,6 +33,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/traces", get(search_traces))
         .route("/api/v1/traces/{trace_id}", get(trace))
         .route("/api/v1/topology", get(topology))
+        .route("/api/v1/transactions", get(transactions))
         .route("/api/v1/agents/sampling", get(sampling).put(set_sampling))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
@@ -108,6 +109,17 @@ async fn topology(State(state): State<ApiState>, Query(params): Params) -> Resul
         .await
         .map_err(ApiError::storage)?;
     Ok(Json(topology).into_response())
+}
+
+async fn transactions(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {
+    let window = parse_window(&params)?;
+    let service = params::service(&params)?;
+    let transactions = state
+        .queries
+        .transactions(window, service.as_deref())
+        .await
+        .map_err(ApiError::storage)?;
+    Ok(Json(json!({ "transactions": transactions })).into_response())
 }
 
 async fn search_traces(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {

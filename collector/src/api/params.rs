@@ -66,6 +66,11 @@ fn name(params: &HashMap<String, String>, key: &str) -> Result<Option<String>, A
     }
 }
 
+/// The optional `service` parameter.
+pub fn service(params: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
+    name(params, "service")
+}
+
 pub fn topology_filter(params: &HashMap<String, String>) -> Result<TopologyFilter, ApiError> {
     Ok(TopologyFilter {
         bt: name(params, "bt")?,

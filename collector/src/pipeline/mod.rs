@@ -10,6 +10,7 @@ pub mod edges;
 pub mod enrich;
 pub mod native;
 pub mod otlp;
+pub mod stages;
 pub mod validate;
 
 use std::{
@@ -191,6 +192,7 @@ impl Pipeline {
             latency.merge(LatencyAggregates::from_spans(&spans));
         }
         let edges = self.pairing.edges(&spans);
+        let stages = stages::StageAggregates::from_spans(&spans);
         let accepted = spans.len() as u64;
         if self
             .writer
@@ -198,6 +200,7 @@ impl Pipeline {
                 spans,
                 latency,
                 edges,
+                stages,
                 inflight,
                 ..WriteBatch::default()
             })

@@ -2,6 +2,7 @@
 //! client), never spliced into SQL text.
 
 mod topology;
+mod transactions;
 
 use std::collections::HashMap;
 
@@ -9,6 +10,7 @@ use clickhouse::{query::Query, Client, Row};
 use serde::{Deserialize, Serialize};
 
 pub use topology::{EdgeView, NodeView, Topology, TopologyFilter, Traffic};
+pub use transactions::{StageView, TransactionView};
 
 /// The API's time window: [from, to) in Unix microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

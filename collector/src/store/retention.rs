@@ -10,11 +10,12 @@ use time::{macros::format_description, Date, OffsetDateTime};
 use tracing::{info, warn};
 
 /// Tables partitioned by day (`partition_id` = YYYYMMDD).
-const DAY_PARTITIONED: [&str; 6] = [
+const DAY_PARTITIONED: [&str; 7] = [
     "spans",
     "trace_index",
     "latency_1m",
     "edges_1m",
+    "stages_1m",
     "agent_heartbeats",
     "inflight",
 ];

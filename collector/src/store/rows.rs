@@ -9,6 +9,7 @@ use crate::{
     pipeline::{
         aggregate::{LatencyKey, LatencyValue},
         edges::EdgeKey,
+        stages::{StageKey, StageValue},
     },
 };
 
@@ -150,6 +151,32 @@ impl<'a> EdgeRow<'a> {
             duration_us_sum: value.duration_us_sum,
             buckets: value.histogram.keys().copied().collect(),
             counts: value.histogram.values().copied().collect(),
+        }
+    }
+}
+
+/// One row of `stages_1m`.
+#[derive(Row, Serialize)]
+pub struct StageRow<'a> {
+    minute: u32,
+    service: &'a str,
+    service_version: &'a str,
+    bt: &'a str,
+    stage: &'a str,
+    spans: u64,
+    self_us_sum: u64,
+}
+
+impl<'a> StageRow<'a> {
+    pub fn new(key: &'a StageKey, value: &StageValue) -> Self {
+        Self {
+            minute: key.minute,
+            service: &key.service,
+            service_version: &key.service_version,
+            bt: &key.bt,
+            stage: key.stage,
+            spans: value.spans,
+            self_us_sum: value.self_us_sum,
         }
     }
 }

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "per-minute topology edges",
         statements: edge_tables,
     },
+    Migration {
+        id: 5,
+        name: "per-minute stage self-time",
+        statements: stage_tables,
+    },
 ];
 
 /// Node types of topology edges (crate::pipeline::edges::NodeType).
@@ -252,6 +257,23 @@ fn edge_tables(d: &Ddl) -> Vec<String> {
 ) ENGINE = SummingMergeTree((calls, errors, duration_us_sum))
 PARTITION BY toDate(minute)
 ORDER BY (minute, caller, callee, bt, caller_type, callee_type, caller_version, callee_version)"
+    )]
+}
+
+fn stage_tables(d: &Ddl) -> Vec<String> {
+    let db = &d.database;
+    vec![format!(
+        "CREATE TABLE IF NOT EXISTS {db}.stages_1m (
+  minute DateTime,
+  service LowCardinality(String),
+  service_version LowCardinality(String),
+  bt LowCardinality(String),
+  stage LowCardinality(String),
+  spans UInt64,
+  self_us_sum UInt64
+) ENGINE = SummingMergeTree((spans, self_us_sum))
+PARTITION BY toDate(minute)
+ORDER BY (service, minute, service_version, bt, stage)"
     )]
 }
 

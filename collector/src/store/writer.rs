@@ -17,7 +17,7 @@ use tokio::{
 };
 use tracing::{error, warn};
 
-use super::rows::{EdgeRow, HeartbeatRow, InflightRow, LatencyRow, SpanRow};
+use super::rows::{EdgeRow, HeartbeatRow, InflightRow, LatencyRow, SpanRow, StageRow};
 use crate::{
     config::WriterConfig,
     metrics::{Metrics, ReasonLabel, TableLabel},
@@ -25,6 +25,7 @@ use crate::{
     pipeline::{
         aggregate::{LatencyAggregates, LatencyKey, LatencyValue},
         edges::{EdgeAggregates, EdgeKey},
+        stages::{StageAggregates, StageKey, StageValue},
     },
 };
 
@@ -34,6 +35,7 @@ pub struct WriteBatch {
     pub spans: Vec<Span>,
     pub latency: LatencyAggregates,
     pub edges: EdgeAggregates,
+    pub stages: StageAggregates,
     pub heartbeats: Vec<HeartbeatRow>,
     pub inflight: Vec<InflightRow>,
 }
@@ -67,6 +69,7 @@ enum InsertJob {
     Spans(Vec<Span>),
     Latency(Vec<(LatencyKey, LatencyValue)>),
     Edges(Vec<(EdgeKey, LatencyValue)>),
+    Stages(Vec<(StageKey, StageValue)>),
     Heartbeats(Vec<HeartbeatRow>),
     Inflight(Vec<InflightRow>),
 }
@@ -111,6 +114,7 @@ async fn batcher(
     let mut spans: Vec<Span> = Vec::new();
     let mut latency = LatencyAggregates::default();
     let mut edges = EdgeAggregates::default();
+    let mut stages = StageAggregates::default();
     let (mut heartbeats, mut inflight) = (Vec::new(), Vec::new());
     let mut deadline: Option<Instant> = None;
     loop {
@@ -131,6 +135,7 @@ async fn batcher(
                 spans.extend(batch.spans);
                 latency.merge(batch.latency);
                 edges.merge(batch.edges);
+                stages.merge(batch.stages);
                 heartbeats.extend(batch.heartbeats);
                 inflight.extend(batch.inflight);
                 deadline.get_or_insert_with(|| Instant::now() + interval);
@@ -153,6 +158,10 @@ async fn batcher(
                 }
                 let rows = edges.drain();
                 if !rows.is_empty() && jobs.send(InsertJob::Edges(rows)).await.is_err() {
+                    return;
+                }
+                let rows = stages.drain();
+                if !rows.is_empty() && jobs.send(InsertJob::Stages(rows)).await.is_err() {
                     return;
                 }
                 if !heartbeats.is_empty()
@@ -199,6 +208,7 @@ async fn inserter(
             InsertJob::Spans(spans) => ("spans", spans.len()),
             InsertJob::Latency(rows) => ("latency_1m", rows.len()),
             InsertJob::Edges(rows) => ("edges_1m", rows.len()),
+            InsertJob::Stages(rows) => ("stages_1m", rows.len()),
             InsertJob::Heartbeats(rows) => ("agent_heartbeats", rows.len()),
             InsertJob::Inflight(rows) => ("inflight", rows.len()),
         };
@@ -211,6 +221,7 @@ async fn inserter(
                 InsertJob::Spans(spans) => insert_spans(&client, spans).await,
                 InsertJob::Latency(rows) => insert_latency(&client, rows).await,
                 InsertJob::Edges(rows) => insert_edges(&client, rows).await,
+                InsertJob::Stages(rows) => insert_stages(&client, rows).await,
                 InsertJob::Heartbeats(rows) => insert_owned(&client, "agent_heartbeats", rows).await,
                 InsertJob::Inflight(rows) => insert_owned(&client, "inflight", rows).await,
             };
@@ -282,6 +293,17 @@ async fn insert_edges(client: &Client, rows: &[(EdgeKey, LatencyValue)]) -> clic
         .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
     for (key, value) in rows {
         insert.write(&EdgeRow::new(key, value)).await?;
+    }
+    insert.end().await
+}
+
+async fn insert_stages(client: &Client, rows: &[(StageKey, StageValue)]) -> clickhouse::error::Result<()> {
+    let mut insert = client
+        .insert::<StageRow<'_>>("stages_1m")
+        .await?
+        .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
+    for (key, value) in rows {
+        insert.write(&StageRow::new(key, value)).await?;
     }
     insert.end().await
 }

@@ -1,0 +1,149 @@
+//! `GET /api/v1/transactions`: per service and business transaction, RED from the latency
+//! aggregates (entry spans: exact under sampling) and the stage breakdown from the stage
+//! self-time aggregates: each stage's share of the BT's time, and that share of its mean
+//! latency. Reads aggregates only.
+
+use std::collections::BTreeMap;
+
+use clickhouse::{query::Query, Row};
+use serde::{Deserialize, Serialize};
+use sightline_proto::histogram;
+
+use super::{Queries, Window};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageView {
+    /// own | db | cache | mq | downstream
+    pub stage: String,
+    /// Of the BT's time in this service, 0..=1.
+    pub share: f64,
+    /// `share` of the mean latency.
+    pub mean_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TransactionView {
+    pub service: String,
+    pub bt: String,
+    pub calls: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    /// Calls per minute over the window.
+    pub rate_per_min: f64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Largest first.
+    pub stages: Vec<StageView>,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct RedRecord {
+    service: String,
+    bt: String,
+    calls: u64,
+    errors: u64,
+    duration_us_sum: u64,
+    buckets: Vec<u64>,
+    counts: Vec<u64>,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct StageRecord {
+    service: String,
+    bt: String,
+    stage: String,
+    self_us_sum: u64,
+}
+
+const RED_SQL: &str = "SELECT service, bt, sum(calls) AS calls, sum(errors) AS errors,
+  sum(duration_us_sum) AS duration_us_sum,
+  (sumMap(histMap.bucket, histMap.count) AS h).1 AS buckets, h.2 AS counts
+FROM latency_1m
+WHERE minute >= toDateTime(?) AND minute < toDateTime(?) AND (? = '' OR service = ?)
+  AND kind IN ('server', 'consumer')
+GROUP BY service, bt
+ORDER BY service, bt";
+
+const STAGES_SQL: &str = "SELECT service, bt, stage, sum(self_us_sum) AS self_us_sum
+FROM stages_1m
+WHERE minute >= toDateTime(?) AND minute < toDateTime(?) AND (? = '' OR service = ?)
+GROUP BY service, bt, stage";
+
+impl Queries {
+    pub async fn transactions(
+        &self,
+        window: Window,
+        service: Option<&str>,
+    ) -> clickhouse::error::Result<Vec<TransactionView>> {
+        let red: Vec<RedRecord> = self.transactions_query(window, service).fetch_all().await?;
+        let stages: Vec<StageRecord> = self.stages_query(window, service).fetch_all().await?;
+        let mut self_time: BTreeMap<(String, String), Vec<(String, u64)>> = BTreeMap::new();
+        for s in stages {
+            self_time
+                .entry((s.service, s.bt))
+                .or_default()
+                .push((s.stage, s.self_us_sum));
+        }
+        let minutes = (window.to_us.saturating_sub(window.from_us) as f64 / 60e6).max(1.0 / 60.0);
+        Ok(red
+            .into_iter()
+            .map(|r| {
+                let hist = histogram::from_sparse(r.buckets.iter().copied().zip(r.counts.iter().copied()));
+                let quantile_ms = |q: f64| {
+                    if hist.is_empty() {
+                        0.0
+                    } else {
+                        hist.value_at_quantile(q) as f64 / 1000.0
+                    }
+                };
+                let mean_ms = r.duration_us_sum as f64 / r.calls.max(1) as f64 / 1000.0;
+                let parts = self_time.remove(&(r.service.clone(), r.bt.clone())).unwrap_or_default();
+                let total: u64 = parts.iter().map(|(_, us)| us).sum();
+                let mut stages: Vec<StageView> = parts
+                    .into_iter()
+                    .filter(|_| total > 0)
+                    .map(|(stage, us)| {
+                        let share = us as f64 / total as f64;
+                        StageView {
+                            stage,
+                            share,
+                            mean_ms: share * mean_ms,
+                        }
+                    })
+                    .collect();
+                stages.sort_by(|a, b| b.share.total_cmp(&a.share));
+                TransactionView {
+                    error_rate: r.errors as f64 / r.calls.max(1) as f64,
+                    rate_per_min: r.calls as f64 / minutes,
+                    mean_ms,
+                    p50_ms: quantile_ms(0.5),
+                    p99_ms: quantile_ms(0.99),
+                    stages,
+                    service: r.service,
+                    bt: r.bt,
+                    calls: r.calls,
+                    errors: r.errors,
+                }
+            })
+            .collect())
+    }
+
+    pub fn transactions_query(&self, window: Window, service: Option<&str>) -> Query {
+        self.windowed(RED_SQL, window, service)
+    }
+
+    pub fn stages_query(&self, window: Window, service: Option<&str>) -> Query {
+        self.windowed(STAGES_SQL, window, service)
+    }
+
+    fn windowed(&self, sql: &str, window: Window, service: Option<&str>) -> Query {
+        let service = service.unwrap_or("");
+        self.client
+            .query(sql)
+            .bind(window.from_us / 1_000_000 / 60 * 60)
+            .bind(window.to_us.div_ceil(1_000_000))
+            .bind(service)
+            .bind(service)
+    }
+}
