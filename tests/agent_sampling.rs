@@ -54,6 +54,9 @@ async fn red_counts_are_exact_at_one_percent_sampling() {
             .fetch_one()
             .await
             .unwrap();
+        if red.calls != REQUESTS {
+            eprintln!("counted {red:?}, agent dropped {}", sightline::dropped_spans());
+        }
         (red.calls == REQUESTS).then_some(red)
     })
     .await;

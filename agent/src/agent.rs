@@ -7,7 +7,7 @@
 //! registry's lock to visit the rings, application threads only to register.
 
 use std::sync::{
-    atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
+    atomic::{AtomicU64, Ordering},
     Mutex, OnceLock,
 };
 
@@ -24,11 +24,6 @@ pub(crate) struct Agent {
     rings: Mutex<Vec<ExporterEnd>>,
     sampling_ratio_bits: AtomicU64,
     pub(crate) dropped_spans: AtomicU64,
-    /// Of those, spans dropped because a thread's ring was full (the exporter behind).
-    pub(crate) ring_dropped_spans: AtomicU64,
-    /// The exporter thread's id (0 until it runs) and whether it was raised to catch up.
-    pub(crate) exporter_tid: AtomicI32,
-    pub(crate) exporter_raised: AtomicBool,
 }
 
 /// A thread's ends of its rings.
@@ -52,19 +47,10 @@ impl ThreadRing {
     /// Hands a batch to the exporter; never waits. A full ring (the exporter is behind) drops
     /// the batch and counts its spans.
     pub(crate) fn send(&mut self, batch: Batch, agent: &Agent) {
-        // Half full: the exporter is starved (it runs at idle priority). Raise it once; it
-        // lowers itself when caught up.
-        let exporter = agent.exporter_tid.load(Ordering::Relaxed);
-        if exporter != 0
-            && self.full.slots() < self.full.buffer().capacity() / 2
-            && !agent.exporter_raised.swap(true, Ordering::Relaxed)
-        {
-            crate::exporter_priority(exporter, true);
-        }
         if let Err(rtrb::PushError::Full(batch)) = self.full.push(batch) {
-            let spans = batch.records.len() as u64;
-            agent.dropped_spans.fetch_add(spans, Ordering::Relaxed);
-            agent.ring_dropped_spans.fetch_add(spans, Ordering::Relaxed);
+            agent
+                .dropped_spans
+                .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -97,9 +83,6 @@ impl Agent {
             rings: Mutex::new(Vec::new()),
             sampling_ratio_bits: AtomicU64::new(sampling_ratio.clamp(0.0, 1.0).to_bits()),
             dropped_spans: AtomicU64::new(0),
-            ring_dropped_spans: AtomicU64::new(0),
-            exporter_tid: AtomicI32::new(0),
-            exporter_raised: AtomicBool::new(false),
         }
     }
 
@@ -133,13 +116,10 @@ impl Agent {
     }
 
     /// Every batch handed off so far, to `consume` (which empties it); the emptied buffers go
-    /// back to their threads. Rings of threads that ended are dropped once drained. Returns
-    /// how full the fullest ring was (0..=1): how far behind the exporter is.
-    pub(crate) fn drain(&self, mut consume: impl FnMut(&mut Batch)) -> f64 {
-        let Ok(mut rings) = self.rings.lock() else { return 0.0 };
-        let mut fullest: f64 = 0.0;
+    /// back to their threads. Rings of threads that ended are dropped once drained.
+    pub(crate) fn drain(&self, mut consume: impl FnMut(&mut Batch)) {
+        let Ok(mut rings) = self.rings.lock() else { return };
         for ring in rings.iter_mut() {
-            fullest = fullest.max(ring.full.slots() as f64 / ring.full.buffer().capacity() as f64);
             while let Ok(mut batch) = ring.full.pop() {
                 consume(&mut batch);
                 batch.records.clear();
@@ -148,7 +128,6 @@ impl Agent {
             }
         }
         rings.retain(|ring| !ring.full.is_abandoned() || !ring.full.is_empty());
-        fullest
     }
 
     /// Batches waiting in the rings.

@@ -254,9 +254,6 @@ pub(crate) struct Exporter {
     pending: VecDeque<Pending>,
     pending_spans: usize,
     pending_bytes: usize,
-    /// Running at normal (niced) priority until then, to catch up; see `exporter_priority`.
-    catching_up_until: Option<std::time::Instant>,
-    dropped_seen: u64,
     red: RedTable,
     next_batch_id: u64,
     sent_spans: u64,
@@ -271,8 +268,6 @@ impl Exporter {
             pending: VecDeque::new(),
             pending_spans: 0,
             pending_bytes: 0,
-            catching_up_until: None,
-            dropped_seen: 0,
             red: RedTable::default(),
             next_batch_id,
             sent_spans: 0,
@@ -475,7 +470,7 @@ impl Exporter {
     fn collect(&mut self) {
         let mut incoming = Vec::new();
         let red = &mut self.red;
-        let fullest = self.agent.drain(|batch: &mut span::Batch| {
+        self.agent.drain(|batch: &mut span::Batch| {
             // Holes (span id 0) are spans that were still open and moved to a later batch.
             for span in batch.records.drain(..).filter(|r| r.span_id != 0) {
                 let trace = &batch.traces[span.trace as usize];
@@ -508,7 +503,6 @@ impl Exporter {
                 }
             }
         });
-        self.keep_up(fullest);
         if incoming.is_empty() {
             return;
         }
@@ -542,28 +536,6 @@ impl Exporter {
                     self.red.add(key, value);
                 }
             }
-        }
-    }
-
-    /// Runs at normal priority for a while when a ring was over a quarter full or a full ring
-    /// dropped spans since the last drain; back to idle priority once caught up.
-    fn keep_up(&mut self, fullest: f64) {
-        let dropped = self.agent.ring_dropped_spans.load(Ordering::Relaxed);
-        let behind = fullest > 0.25
-            || dropped > self.dropped_seen
-            || self.agent.exporter_raised.load(Ordering::Relaxed) && self.catching_up_until.is_none();
-        self.dropped_seen = dropped;
-        let now = std::time::Instant::now();
-        if behind {
-            if self.catching_up_until.is_none() {
-                crate::exporter_priority(0, true);
-                self.agent.exporter_raised.store(true, Ordering::Relaxed);
-            }
-            self.catching_up_until = Some(now + Duration::from_secs(2));
-        } else if self.catching_up_until.is_some_and(|until| now >= until) {
-            crate::exporter_priority(0, false);
-            self.catching_up_until = None;
-            self.agent.exporter_raised.store(false, Ordering::Relaxed);
         }
     }
 

@@ -106,12 +106,7 @@ pub fn init(config: Config) -> Result<AgentGuard, InitError> {
     let thread = std::thread::Builder::new()
         .name("sightline-exporter".into())
         .spawn(move || {
-            #[cfg(target_os = "linux")]
-            // SAFETY: gettid has no arguments and touches no memory.
-            agent
-                .exporter_tid
-                .store(unsafe { libc::syscall(libc::SYS_gettid) } as i32, Ordering::Relaxed);
-            exporter_priority(0, false);
+            lower_priority();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -166,29 +161,16 @@ pub fn sampling_ratio() -> f64 {
     agent::get().map_or(0.0, |a| a.sampling_ratio())
 }
 
-/// The exporter must not take CPU from the application's own threads: while it keeps up it runs
-/// under `SCHED_IDLE`, so the scheduler runs it only when they leave the CPU idle and a waking
-/// application thread preempts it at once (niced, its encoding bursts showed as tail latency;
-/// benches/README.md). On a machine kept busy by other work that would starve it into dropping,
-/// so when it falls behind (`behind`) it runs as a normal thread, niced, until it catches up.
-/// `tid` is the exporter thread's id, or 0 for the calling thread; an application thread whose
-/// ring fills up raises the exporter this way (the exporter, starved, could not notice).
-pub(crate) fn exporter_priority(tid: i32, behind: bool) {
+/// The exporter must never take CPU from the application's own threads: it runs niced, so the
+/// scheduler favours them (its bursts of encoding otherwise showed as tail latency;
+/// benches/README.md). Not `SCHED_IDLE`, though it cut that latency further: on a machine kept
+/// busy by other work the exporter starved into dropping (tests/agent_sampling.rs under load),
+/// and an unprivileged thread cannot leave `SCHED_IDLE` to catch up.
+fn lower_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: scheduling calls on one thread of this process; no memory is shared.
+    // SAFETY: setpriority on this thread's own id; no memory is touched.
     unsafe {
-        let tid = if tid == 0 {
-            libc::syscall(libc::SYS_gettid) as i32
-        } else {
-            tid
-        };
-        let param = libc::sched_param { sched_priority: 0 };
-        let policy = if behind { libc::SCHED_OTHER } else { libc::SCHED_IDLE };
-        let idle_refused = libc::sched_setscheduler(tid, policy, &param) != 0;
-        if behind || idle_refused {
-            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
-        }
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (tid, behind);
 }
