@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sightline_collector::Collector;
-use sightline_tests::{eventually, get, metric, testing, trace_with};
+use sightline_tests::{eventually, get, metric, span_of, testing, trace_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_chain_arrives_over_the_native_stream() {
@@ -69,12 +69,7 @@ async fn call_chain_arrives_over_the_native_stream() {
 
     let trace: Value = trace_with(&api, &trace_id, 6).await;
     let spans = trace["spans"].as_array().unwrap();
-    let find = |operation: &str, kind: &str| -> &Value {
-        spans
-            .iter()
-            .find(|s| s["operation"] == operation && s["kind"] == kind)
-            .unwrap_or_else(|| panic!("no {kind} {operation} in {trace:#}"))
-    };
+    let find = |operation: &str, kind: &str| span_of(&trace, operation, kind);
     let root = find("POST /login", "server");
     let db = find("SELECT users", "client");
     let cache = find("GET session", "client");

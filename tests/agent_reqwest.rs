@@ -11,7 +11,7 @@ use sightline::{
     tower::ServerLayer,
 };
 use sightline_collector::Collector;
-use sightline_tests::{testing, trace_with};
+use sightline_tests::{span_of, testing, trace_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reqwest_calls_are_client_spans_and_carry_the_context() {
@@ -53,12 +53,7 @@ async fn reqwest_calls_are_client_spans_and_carry_the_context() {
 
     let trace: Value = trace_with(&api, &trace_id, 5).await;
     let spans = trace["spans"].as_array().unwrap();
-    let find = |operation: &str, kind: &str| -> &Value {
-        spans
-            .iter()
-            .find(|s| s["operation"] == operation && s["kind"] == kind)
-            .unwrap_or_else(|| panic!("no {kind} {operation} in {trace:#}"))
-    };
+    let find = |operation: &str, kind: &str| span_of(&trace, operation, kind);
     let root = find("GET /profile", "server");
     let call = find("GET /users/{id}", "client");
     let callee = find("GET /users/{id}", "server");

@@ -155,6 +155,17 @@ pub mod otlp {
     }
 }
 
+/// The span of `trace` (`/api/v1/traces/{id}`'s JSON) with this operation and kind; panics
+/// showing the trace when there is none.
+pub fn span_of<'a>(trace: &'a serde_json::Value, operation: &str, kind: &str) -> &'a serde_json::Value {
+    trace["spans"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["operation"] == operation && s["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} {operation} in {trace:#}"))
+}
+
 /// Waits until the trace has exactly `spans` spans and returns `/api/v1/traces/{id}`'s JSON.
 pub async fn trace_with(api: &str, trace_id: &str, spans: usize) -> serde_json::Value {
     eventually(

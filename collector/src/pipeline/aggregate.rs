@@ -41,6 +41,16 @@ impl LatencyValue {
         *self.histogram.entry(histogram::bucket_of(micros)).or_insert(0) += 1;
     }
 
+    /// The histogram's bucket values, ascending: the `histMap.bucket` column.
+    pub fn buckets(&self) -> Vec<u64> {
+        self.histogram.keys().copied().collect()
+    }
+
+    /// The counts, in the buckets' order: the `histMap.count` column.
+    pub fn counts(&self) -> Vec<u64> {
+        self.histogram.values().copied().collect()
+    }
+
     pub fn add(&mut self, other: LatencyValue) {
         self.calls += other.calls;
         self.errors += other.errors;

@@ -302,34 +302,39 @@ impl Queries {
 
     /// Per-minute rows from the baseline's start to the window's end.
     pub fn health_query(&self, window: Window, filter: &TopologyFilter) -> Query {
-        let bt = filter.bt.as_deref().unwrap_or("");
-        let version = filter.version.as_deref().unwrap_or("");
         let last_minute = window.to_us.saturating_sub(1) / 1_000_000 / 60 * 60;
         let span = u64::from(RECENT_MINUTES + BASELINE_MINUTES) * 60;
-        self.client
-            .query(HEALTH_SQL)
-            .bind(last_minute.saturating_sub(span))
-            .bind(window.to_us.div_ceil(1_000_000))
-            .bind(bt)
-            .bind(bt)
-            .bind(version)
-            .bind(version)
-            .bind(version)
+        filtered(
+            self.client.query(HEALTH_SQL),
+            last_minute.saturating_sub(span),
+            window,
+            filter,
+        )
     }
 
     pub fn topology_query(&self, window: Window, filter: &TopologyFilter) -> Query {
-        let bt = filter.bt.as_deref().unwrap_or("");
-        let version = filter.version.as_deref().unwrap_or("");
-        self.client
-            .query(TOPOLOGY_SQL)
-            .bind(window.from_us / 1_000_000 / 60 * 60)
-            .bind(window.to_us.div_ceil(1_000_000))
-            .bind(bt)
-            .bind(bt)
-            .bind(version)
-            .bind(version)
-            .bind(version)
+        filtered(
+            self.client.query(TOPOLOGY_SQL),
+            window.from_us / 1_000_000 / 60 * 60,
+            window,
+            filter,
+        )
     }
+}
+
+/// Binds the time range (from `from_s` to the window's end) and the filters, in the order both
+/// queries' WHERE clauses take them.
+fn filtered(query: Query, from_s: u64, window: Window, filter: &TopologyFilter) -> Query {
+    let bt = filter.bt.as_deref().unwrap_or("");
+    let version = filter.version.as_deref().unwrap_or("");
+    query
+        .bind(from_s)
+        .bind(window.to_us.div_ceil(1_000_000))
+        .bind(bt)
+        .bind(bt)
+        .bind(version)
+        .bind(version)
+        .bind(version)
 }
 
 #[cfg(test)]

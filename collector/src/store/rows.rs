@@ -109,8 +109,8 @@ impl<'a> LatencyRow<'a> {
             calls: value.calls,
             errors: value.errors,
             duration_us_sum: value.duration_us_sum,
-            buckets: value.histogram.keys().copied().collect(),
-            counts: value.histogram.values().copied().collect(),
+            buckets: value.buckets(),
+            counts: value.counts(),
         }
     }
 }
@@ -149,8 +149,8 @@ impl<'a> EdgeRow<'a> {
             calls: value.calls,
             errors: value.errors,
             duration_us_sum: value.duration_us_sum,
-            buckets: value.histogram.keys().copied().collect(),
-            counts: value.histogram.values().copied().collect(),
+            buckets: value.buckets(),
+            counts: value.counts(),
         }
     }
 }
