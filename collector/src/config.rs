@@ -66,12 +66,24 @@ impl Default for EdgesConfig {
     }
 }
 
-/// What the collector tells connected agents.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// What the collector tells connected agents, and how it judges them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentsConfig {
+    /// An agent whose last heartbeat is older than this is reported silent (three missed
+    /// heartbeats at the agent's default 10 s).
+    pub silent_after_secs: u32,
     /// Sampling ratios pushed to agents (changeable at run time through the API).
     pub sampling: crate::sampling::SamplingPolicy,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        Self {
+            silent_after_secs: crate::query::SILENT_AFTER_SECS,
+            sampling: crate::sampling::SamplingPolicy::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

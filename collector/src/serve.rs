@@ -107,7 +107,7 @@ impl Collector {
                 .await?)
         });
         let api_app = api::router(ApiState {
-            queries: Queries::new(client),
+            queries: Queries::new(client).silent_after(config.agents.silent_after_secs),
             metrics: metrics.clone(),
             sampling,
         });

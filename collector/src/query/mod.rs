@@ -25,6 +25,7 @@ pub const MAX_TRACE_SPANS: u64 = 20_000;
 #[derive(Clone)]
 pub struct Queries {
     client: Client,
+    silent_after_secs: u32,
 }
 
 /// One span as the API serves it.
@@ -159,7 +160,8 @@ pub struct StuckView {
     pub elapsed_ms: u64,
 }
 
-/// Heartbeats older than this mark an agent silent (three missed at the default 10 s).
+/// Heartbeats older than this mark an agent silent (three missed at the default 10 s); the
+/// collector's `agents.silent_after_secs`.
 pub const SILENT_AFTER_SECS: u32 = 30;
 /// Snapshots newer than this count as "stuck now".
 pub const STUCK_FRESH_SECS: u64 = 5;
@@ -234,7 +236,16 @@ ORDER BY service, service_version, instance";
 
 impl Queries {
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            silent_after_secs: SILENT_AFTER_SECS,
+        }
+    }
+
+    /// Agents whose last heartbeat is older than this are reported silent.
+    pub fn silent_after(mut self, secs: u32) -> Self {
+        self.silent_after_secs = secs;
+        self
     }
 
     /// Every span of a trace, parents before children (a waterfall's order). `None` when the
@@ -308,7 +319,7 @@ impl Queries {
         let agents: Vec<AgentView> = self.agents_query(window).fetch_all().await?;
         let stuck: Vec<StuckView> = self.stuck_query(now_s).fetch_all().await?;
         for mut agent in agents {
-            let silent = u64::from(agent.last_heartbeat) + u64::from(SILENT_AFTER_SECS) < now_s;
+            let silent = u64::from(agent.last_heartbeat) + u64::from(self.silent_after_secs) < now_s;
             agent.status = if silent { "silent" } else { "ok" };
             service_entry(&mut services, &agent.service).agents.push(agent);
         }
