@@ -16,3 +16,5 @@ pub mod testing;
 
 pub use config::Config;
 pub use serve::Collector;
+/// The comparison engine (crate `sightline-compare`), shared with `sightline gate`.
+pub use sightline_compare as compare;
