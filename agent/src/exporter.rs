@@ -35,6 +35,8 @@ use crate::{
 };
 
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// RED histograms per 10-second window: short load tests compare in 10-second blocks.
+const RED_WINDOW_SECS: u64 = 10;
 /// Spans per batch: ~1 MB on the wire, far under the collector's request limit.
 const MAX_BATCH_SPANS: usize = 8192;
 
@@ -104,7 +106,7 @@ fn span_bytes(span: &Finished) -> usize {
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct RedKey {
-    minute: u64,
+    window: u64,
     bt: SharedName,
     operation: Name,
     kind: Kind,
@@ -150,7 +152,7 @@ impl RedTable {
     #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
-        minute: u64,
+        window: u64,
         bt: &SharedName,
         operation: &Name,
         kind: Kind,
@@ -159,9 +161,9 @@ impl RedTable {
         micros: u64,
     ) {
         let mut hasher = rustc_hash::FxHasher::default();
-        (minute, &**bt, operation.as_ref(), kind, stage, error).hash(&mut hasher);
+        (window, &**bt, operation.as_ref(), kind, stage, error).hash(&mut hasher);
         let same = |k: &RedKey| {
-            k.minute == minute
+            k.window == window
                 && k.kind == kind
                 && k.stage == stage
                 && k.error == error
@@ -175,7 +177,7 @@ impl RedTable {
                 let mut value = RedValue::default();
                 value.record(micros, error);
                 let key = RedKey {
-                    minute,
+                    window,
                     bt: bt.clone(),
                     operation: operation.clone(),
                     kind,
@@ -191,7 +193,7 @@ impl RedTable {
     fn add(&mut self, key: RedKey, value: RedValue) {
         let mut hasher = rustc_hash::FxHasher::default();
         (
-            key.minute,
+            key.window,
             &*key.bt,
             key.operation.as_ref(),
             key.kind,
@@ -478,7 +480,7 @@ impl Exporter {
                 let duration_ns = clock::delta_ns(span.start_raw, span.end_raw);
                 let error = span.detail.as_ref().is_some_and(|d| d.error.is_some());
                 red.record(
-                    start_unix_ns / 1_000_000_000 / 60 * 60,
+                    start_unix_ns / 1_000_000_000 / RED_WINDOW_SECS * RED_WINDOW_SECS,
                     &trace.bt,
                     &span.operation,
                     span.kind,
@@ -617,7 +619,7 @@ impl Exporter {
             .histograms
             .iter()
             .map(|(k, v)| LatencyHistogram {
-                minute_unix_seconds: k.minute,
+                window_unix_seconds: k.window,
                 business_transaction: dictionary.id(&k.bt),
                 operation: dictionary.id(&k.operation),
                 kind: kind(k.kind) as i32,

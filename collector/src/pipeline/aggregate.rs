@@ -1,5 +1,6 @@
-//! Per-minute latency aggregates: calls, errors and a sparse histogram per (minute, service,
-//! version, BT, operation, kind, status). Every span counts, so RED figures stay exact however
+//! Latency aggregates: calls, errors and a sparse histogram per (10-second window, service,
+//! version, BT, operation, kind, status), stored as they are for short comparisons and rolled up
+//! to minutes for everything else. Every span counts, so RED figures stay exact however
 //! traces are sampled. Partials from each request are merged in the writer and again by
 //! ClickHouse's SummingMergeTree.
 
@@ -11,10 +12,13 @@ use sightline_proto::histogram;
 
 use crate::model::{Span, SpanKind, SpanStatus};
 
+/// The finest window: short load tests compare in blocks this long.
+pub const WINDOW_SECS: u32 = 10;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LatencyKey {
-    /// Unix seconds at the start of the minute.
-    pub minute: u32,
+    /// Unix seconds at the start of its window: [`WINDOW_SECS`], or a minute once rolled up.
+    pub window: u32,
     pub service: String,
     pub service_version: String,
     pub bt: String,
@@ -76,10 +80,10 @@ impl LatencyAggregates {
         let mut borrowed: FxHashMap<BorrowedKey<'_>, LatencyValue> = FxHashMap::default();
         for span in spans {
             let micros = span.duration_ns.div_ceil(1000);
-            let minute = ((span.start_ns / 1_000_000_000) / 60 * 60) as u32;
+            let window = (span.start_ns / 1_000_000_000) as u32 / WINDOW_SECS * WINDOW_SECS;
             let value = borrowed
                 .entry((
-                    minute,
+                    window,
                     &span.service,
                     &span.service_version,
                     &span.bt,
@@ -96,9 +100,9 @@ impl LatencyAggregates {
         let entries = borrowed
             .into_iter()
             .map(
-                |((minute, service, service_version, bt, operation, kind, status), value)| {
+                |((window, service, service_version, bt, operation, kind, status), value)| {
                     let key = LatencyKey {
-                        minute,
+                        window,
                         service: service.to_string(),
                         service_version: service_version.to_string(),
                         bt: bt.to_string(),
@@ -129,6 +133,19 @@ impl LatencyAggregates {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// `rows` rolled up to minutes (windows of one minute summed).
+    pub fn by_minute(rows: &[(LatencyKey, LatencyValue)]) -> Vec<(LatencyKey, LatencyValue)> {
+        let mut minutes = Self::default();
+        for (key, value) in rows {
+            let key = LatencyKey {
+                window: key.window / 60 * 60,
+                ..key.clone()
+            };
+            minutes.add(key, value.clone());
+        }
+        minutes.drain()
     }
 
     /// Takes every entry out, leaving the aggregates empty.
@@ -165,10 +182,11 @@ mod tests {
         let mut aggregates = LatencyAggregates::from_spans(&spans);
         aggregates.merge(LatencyAggregates::from_spans(&spans[..1]));
         let mut rows = aggregates.drain();
-        rows.sort_by_key(|(k, _)| (k.minute, k.status as u8));
+        rows = LatencyAggregates::by_minute(&rows);
+        rows.sort_by_key(|(k, _)| (k.window, k.status as u8));
         let summary: Vec<_> = rows
             .iter()
-            .map(|(k, v)| (k.minute, k.status, v.calls, v.errors))
+            .map(|(k, v)| (k.window, k.status, v.calls, v.errors))
             .collect();
         assert_eq!(
             summary,

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use sightline_proto::v1::{Batch, Span as WireSpan};
 
 use super::{
-    aggregate::{LatencyAggregates, LatencyKey, LatencyValue},
+    aggregate::{LatencyAggregates, LatencyKey, LatencyValue, WINDOW_SECS},
     otlp::Conversion,
     validate::{bound, TimeBounds},
 };
@@ -122,7 +122,7 @@ pub fn convert(
             continue;
         }
         let key = LatencyKey {
-            minute: u32::try_from(h.minute_unix_seconds / 60 * 60).unwrap_or(u32::MAX),
+            window: u32::try_from(h.window_unix_seconds).unwrap_or(u32::MAX) / WINDOW_SECS * WINDOW_SECS,
             service: service.clone(),
             service_version: service_version.clone(),
             bt: name(h.business_transaction, &mut truncated)?,

@@ -9,13 +9,16 @@ use serde::Deserialize;
 use time::{macros::format_description, Date, OffsetDateTime};
 use tracing::{info, warn};
 
+use super::schema::FINE_RETENTION_DAYS;
+
 /// Tables partitioned by day (`partition_id` = YYYYMMDD).
-const DAY_PARTITIONED: [&str; 7] = [
+const DAY_PARTITIONED: [&str; 8] = [
     "spans",
     "trace_index",
     "latency_1m",
     "edges_1m",
     "stages_1m",
+    "latency_10s",
     "agent_heartbeats",
     "inflight",
 ];
@@ -50,7 +53,12 @@ pub async fn drop_expired(
         let Ok(day) = Date::parse(&p.partition_id, format_description!("[year][month][day]")) else {
             continue;
         };
-        if day < oldest_kept {
+        let kept_from = if p.table == "latency_10s" {
+            today - time::Duration::days(i64::from(retention_days.min(FINE_RETENTION_DAYS)))
+        } else {
+            oldest_kept
+        };
+        if day < kept_from {
             client
                 .query("ALTER TABLE ?.? DROP PARTITION ID ?")
                 .bind(Identifier(database))

@@ -97,9 +97,48 @@ pub struct LatencyRow<'a> {
 }
 
 impl<'a> LatencyRow<'a> {
+    /// From a key rolled up to its minute.
     pub fn new(key: &'a LatencyKey, value: &LatencyValue) -> Self {
         Self {
-            minute: key.minute,
+            minute: key.window,
+            service: &key.service,
+            service_version: &key.service_version,
+            bt: &key.bt,
+            operation: &key.operation,
+            kind: key.kind as i8,
+            status: key.status as i8,
+            calls: value.calls,
+            errors: value.errors,
+            duration_us_sum: value.duration_us_sum,
+            buckets: value.buckets(),
+            counts: value.counts(),
+        }
+    }
+}
+
+/// One row of `latency_10s`: the same partial sums per 10-second window.
+#[derive(Row, Serialize)]
+pub struct FineLatencyRow<'a> {
+    time: u32,
+    service: &'a str,
+    service_version: &'a str,
+    bt: &'a str,
+    operation: &'a str,
+    kind: i8,
+    status: i8,
+    calls: u64,
+    errors: u64,
+    duration_us_sum: u64,
+    #[serde(rename = "histMap.bucket")]
+    buckets: Vec<u64>,
+    #[serde(rename = "histMap.count")]
+    counts: Vec<u64>,
+}
+
+impl<'a> FineLatencyRow<'a> {
+    pub fn new(key: &'a LatencyKey, value: &LatencyValue) -> Self {
+        Self {
+            time: key.window,
             service: &key.service,
             service_version: &key.service_version,
             bt: &key.bt,

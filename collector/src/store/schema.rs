@@ -53,7 +53,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "per-minute stage self-time",
         statements: stage_tables,
     },
+    Migration {
+        id: 6,
+        name: "10-second latency aggregates",
+        statements: fine_latency_tables,
+    },
 ];
+
+/// Days the 10-second aggregates are kept (at most `retention_days`): they serve comparisons of
+/// short load tests, which look at the last hours.
+pub const FINE_RETENTION_DAYS: u32 = 3;
 
 /// Node types of topology edges (crate::pipeline::edges::NodeType).
 pub const NODE_ENUM: &str = "Enum8('user' = 1, 'service' = 2, 'database' = 3, 'cache' = 4, 'mq' = 5, 'external' = 6)";
@@ -257,6 +266,35 @@ fn edge_tables(d: &Ddl) -> Vec<String> {
 ) ENGINE = SummingMergeTree((calls, errors, duration_us_sum))
 PARTITION BY toDate(minute)
 ORDER BY (minute, caller, callee, bt, caller_type, callee_type, caller_version, callee_version)"
+    )]
+}
+
+fn fine_latency_tables(d: &Ddl) -> Vec<String> {
+    let db = &d.database;
+    let ttl = if d.modern {
+        format!(
+            "\nTTL time + INTERVAL {} DAY",
+            d.retention_days.min(FINE_RETENTION_DAYS)
+        )
+    } else {
+        String::new()
+    };
+    vec![format!(
+        "CREATE TABLE IF NOT EXISTS {db}.latency_10s (
+  time DateTime,
+  service LowCardinality(String),
+  service_version LowCardinality(String),
+  bt LowCardinality(String),
+  operation LowCardinality(String),
+  kind {KIND_ENUM},
+  status {STATUS_ENUM},
+  calls UInt64,
+  errors UInt64,
+  duration_us_sum UInt64,
+  histMap Nested(bucket UInt64, count UInt64)
+) ENGINE = SummingMergeTree((calls, errors, duration_us_sum))
+PARTITION BY toDate(time)
+ORDER BY (service, time, service_version, bt, operation, kind, status){ttl}"
     )]
 }
 

@@ -17,7 +17,7 @@ use tokio::{
 };
 use tracing::{error, warn};
 
-use super::rows::{EdgeRow, HeartbeatRow, InflightRow, LatencyRow, SpanRow, StageRow};
+use super::rows::{EdgeRow, FineLatencyRow, HeartbeatRow, InflightRow, LatencyRow, SpanRow, StageRow};
 use crate::{
     config::WriterConfig,
     metrics::{Metrics, ReasonLabel, TableLabel},
@@ -68,6 +68,7 @@ impl WriterHandle {
 enum InsertJob {
     Spans(Vec<Span>),
     Latency(Vec<(LatencyKey, LatencyValue)>),
+    FineLatency(Vec<(LatencyKey, LatencyValue)>),
     Edges(Vec<(EdgeKey, LatencyValue)>),
     Stages(Vec<(StageKey, StageValue)>),
     Heartbeats(Vec<HeartbeatRow>),
@@ -153,8 +154,13 @@ async fn batcher(
                     return;
                 }
                 let rows = latency.drain();
-                if !rows.is_empty() && jobs.send(InsertJob::Latency(rows)).await.is_err() {
-                    return;
+                if !rows.is_empty() {
+                    let minutes = LatencyAggregates::by_minute(&rows);
+                    if jobs.send(InsertJob::Latency(minutes)).await.is_err()
+                        || jobs.send(InsertJob::FineLatency(rows)).await.is_err()
+                    {
+                        return;
+                    }
                 }
                 let rows = edges.drain();
                 if !rows.is_empty() && jobs.send(InsertJob::Edges(rows)).await.is_err() {
@@ -207,6 +213,7 @@ async fn inserter(
         let (table, rows) = match &job {
             InsertJob::Spans(spans) => ("spans", spans.len()),
             InsertJob::Latency(rows) => ("latency_1m", rows.len()),
+            InsertJob::FineLatency(rows) => ("latency_10s", rows.len()),
             InsertJob::Edges(rows) => ("edges_1m", rows.len()),
             InsertJob::Stages(rows) => ("stages_1m", rows.len()),
             InsertJob::Heartbeats(rows) => ("agent_heartbeats", rows.len()),
@@ -220,6 +227,7 @@ async fn inserter(
             let result = match &job {
                 InsertJob::Spans(spans) => insert_spans(&client, spans).await,
                 InsertJob::Latency(rows) => insert_latency(&client, rows).await,
+                InsertJob::FineLatency(rows) => insert_fine_latency(&client, rows).await,
                 InsertJob::Edges(rows) => insert_edges(&client, rows).await,
                 InsertJob::Stages(rows) => insert_stages(&client, rows).await,
                 InsertJob::Heartbeats(rows) => insert_owned(&client, "agent_heartbeats", rows).await,
@@ -282,6 +290,17 @@ async fn insert_latency(client: &Client, rows: &[(LatencyKey, LatencyValue)]) ->
         .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
     for (key, value) in rows {
         insert.write(&LatencyRow::new(key, value)).await?;
+    }
+    insert.end().await
+}
+
+async fn insert_fine_latency(client: &Client, rows: &[(LatencyKey, LatencyValue)]) -> clickhouse::error::Result<()> {
+    let mut insert = client
+        .insert::<FineLatencyRow<'_>>("latency_10s")
+        .await?
+        .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
+    for (key, value) in rows {
+        insert.write(&FineLatencyRow::new(key, value)).await?;
     }
     insert.end().await
 }
