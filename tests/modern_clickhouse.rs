@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::json;
 use sightline_collector::{
-    query::{Queries, TopologyFilter, TraceFilter, Window},
+    query::{CompareScope, Queries, TopologyFilter, TraceFilter, Window},
     store::schema::{all_statements, Ddl},
 };
 use sightline_tests::{python, python_script};
@@ -37,6 +37,13 @@ fn modern_ddl_and_read_queries_run_on_current_clickhouse() {
         bt: Some(bt.into()),
         version: (!version.is_empty()).then(|| version.into()),
     };
+    let scope = |block_seconds: u32| CompareScope {
+        service: "auth".into(),
+        baseline: "1.4.2".into(),
+        candidate: "1.5.0".into(),
+        window,
+        block_seconds,
+    };
     let sql = |q: clickhouse::query::Query| q.sql_display().to_string();
     let spec = json!({
         "database": database,
@@ -57,6 +64,10 @@ fn modern_ddl_and_read_queries_run_on_current_clickhouse() {
             "transactions": { "sql": sql(queries.transactions_query(window, Some("auth"))), "rows": 1 },
             "transactions_none": { "sql": sql(queries.transactions_query(window, Some("auth' OR 1=1 --"))), "rows": 0 },
             "stages": { "sql": sql(queries.stages_query(window, None)), "rows": 1 },
+            "compare_blocks_1m": { "sql": sql(queries.compare_blocks_query(&scope(60))), "rows": 1 },
+            "compare_blocks_10s": { "sql": sql(queries.compare_blocks_query(&scope(10))), "rows": 0 },
+            "compare_error_types": { "sql": sql(queries.compare_error_types_query(&scope(60))), "rows": 1 },
+            "compare_stages": { "sql": sql(queries.compare_stages_query(&scope(60))), "rows": 1 },
             "topology_health": { "sql": sql(queries.health_query(window, &TopologyFilter::default())), "rows": 1 },
             "topology_bt": { "sql": sql(queries.topology_query(window, &topology("Login", "1.4.2"))), "rows": 1 },
             "topology_none": { "sql": sql(queries.topology_query(window, &topology("Login' OR 1=1 --", ""))), "rows": 0 },

@@ -16,8 +16,13 @@ use axum::{
 use serde_json::json;
 use tracing::error;
 
-use crate::{metrics::Metrics, query::Queries, sampling::SamplingPolicy};
+use crate::{
+    metrics::Metrics,
+    query::{CompareScope, Queries},
+    sampling::SamplingPolicy,
+};
 pub use params::{parse_time, parse_window};
+use sightline_compare::Settings;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -34,6 +39,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/traces/{trace_id}", get(trace))
         .route("/api/v1/topology", get(topology))
         .route("/api/v1/transactions", get(transactions))
+        .route("/api/v1/compare", get(compare).post(compare_with))
         .route("/api/v1/agents/sampling", get(sampling).put(set_sampling))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
@@ -109,6 +115,56 @@ async fn topology(State(state): State<ApiState>, Query(params): Params) -> Resul
         .await
         .map_err(ApiError::storage)?;
     Ok(Json(topology).into_response())
+}
+
+/// The comparison with the default bands.
+async fn compare(state: State<ApiState>, params: Params) -> Result<Response, ApiError> {
+    compare_with(state, params, Ok(Json(Settings::default()))).await
+}
+
+/// The comparison with the caller's settings (the gate sends its gate.toml as JSON).
+async fn compare_with(
+    State(state): State<ApiState>,
+    Query(params): Params,
+    settings: Result<Json<Settings>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(settings) = settings.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let window = parse_window(&params)?;
+    let scope = CompareScope {
+        service: params::required(&params, "service")?,
+        baseline: params::required(&params, "baseline")?,
+        candidate: params::required(&params, "candidate")?,
+        block_seconds: params::block_seconds(&params, &window)?,
+        window,
+    };
+    if scope.baseline == scope.candidate {
+        return Err(ApiError::bad_request("baseline and candidate must differ"));
+    }
+    let inputs = state.queries.compare_inputs(&scope).await.map_err(ApiError::storage)?;
+    for (version, missing) in [
+        (&scope.baseline, inputs.iter().all(|i| i.baseline.blocks.is_empty())),
+        (&scope.candidate, inputs.iter().all(|i| i.candidate.blocks.is_empty())),
+    ] {
+        if missing {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no traffic of {} version {version} in the window", scope.service),
+            ));
+        }
+    }
+    let report = sightline_compare::compare(&inputs, &settings);
+    Ok(Json(json!({
+        "service": scope.service,
+        "baseline": scope.baseline,
+        "candidate": scope.candidate,
+        "from": scope.window.from_us / 1000,
+        "to": scope.window.to_us / 1000,
+        "block_seconds": scope.block_seconds,
+        "verdict": report.verdict,
+        "reweighted_mean_ratio": report.reweighted_mean_ratio,
+        "transactions": report.transactions,
+    }))
+    .into_response())
 }
 
 async fn transactions(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {

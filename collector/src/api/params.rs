@@ -66,6 +66,25 @@ fn name(params: &HashMap<String, String>, key: &str) -> Result<Option<String>, A
     }
 }
 
+/// A required name parameter.
+pub fn required(params: &HashMap<String, String>, key: &str) -> Result<String, ApiError> {
+    name(params, key)?.ok_or_else(|| ApiError::bad_request(format!("{key} is required")))
+}
+
+/// `block`: `10s` or `1m`; by default 10 s for windows up to two hours, a minute beyond.
+pub fn block_seconds(params: &HashMap<String, String>, window: &Window) -> Result<u32, ApiError> {
+    match params.get("block").map(String::as_str) {
+        None | Some("") => Ok(if window.to_us - window.from_us <= 2 * 3600 * 1_000_000 {
+            10
+        } else {
+            60
+        }),
+        Some("10s") => Ok(10),
+        Some("1m" | "60s") => Ok(60),
+        Some(other) => Err(ApiError::bad_request(format!("block must be 10s or 1m, got {other:?}"))),
+    }
+}
+
 /// The optional `service` parameter.
 pub fn service(params: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
     name(params, "service")

@@ -1,6 +1,7 @@
 //! Read queries behind the HTTP API. Every value a user sends is bound with `?` (escaped by the
 //! client), never spliced into SQL text.
 
+mod compare;
 mod topology;
 mod transactions;
 
@@ -9,6 +10,7 @@ use std::collections::HashMap;
 use clickhouse::{query::Query, Client, Row};
 use serde::{Deserialize, Serialize};
 
+pub use compare::CompareScope;
 pub use topology::{EdgeView, NodeView, Topology, TopologyFilter, Traffic};
 pub use transactions::{StageView, TransactionView};
 

@@ -1,0 +1,168 @@
+//! `/api/v1/compare`: a service's two versions from stored 10-second aggregates. Version 1.5.0
+//! of `chat` takes a database lock on AcceptChat (its DB calls 20 -> 45 ms); Login is the same
+//! in both. The comparison fails AcceptChat naming the db stage, passes Login, takes a caller's
+//! bands (POST), and refuses unknown versions and bad parameters with clear messages.
+
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::trace_service_client::TraceServiceClient,
+    common::v1::KeyValue,
+    trace::v1::{span::SpanKind, Span},
+};
+use serde_json::{json, Value};
+use sightline_collector::Collector;
+use sightline_tests::{
+    eventually, get,
+    otlp::{kv, now_ns, request, trace_id},
+    request as http, testing,
+};
+
+const BLOCKS: u64 = 60;
+const PER_BLOCK: u64 = 20;
+
+fn span(
+    trace: &[u8],
+    id: u64,
+    parent: u64,
+    kind: SpanKind,
+    start: u64,
+    micros: u64,
+    attributes: Vec<KeyValue>,
+) -> Span {
+    Span {
+        trace_id: trace.to_vec(),
+        span_id: id.to_be_bytes().to_vec(),
+        parent_span_id: if parent == 0 {
+            vec![]
+        } else {
+            parent.to_be_bytes().to_vec()
+        },
+        name: "op".into(),
+        kind: kind as i32,
+        start_time_unix_nano: start,
+        end_time_unix_nano: start + micros * 1000,
+        attributes,
+        ..Span::default()
+    }
+}
+
+/// `BLOCKS` 10-second blocks from `first_block_s` of both BTs; AcceptChat's DB call takes
+/// `db_ms` (+- a little, so blocks differ).
+fn version_spans(first_block_s: u64, db_ms: u64) -> Vec<Span> {
+    let mut spans = Vec::new();
+    for block in 0..BLOCKS {
+        for i in 0..PER_BLOCK {
+            let start = (first_block_s + block * 10) * 1_000_000_000 + i * 100_000_000;
+            let jitter = (block * 7 + i * 13) % 5;
+            for (bt, route, db) in [("AcceptChat", "/chats/{id}/accept", db_ms), ("Login", "/login", 8)] {
+                let t = trace_id();
+                let db_us = (db + jitter) * 1000;
+                spans.push(span(
+                    &t,
+                    1,
+                    0,
+                    SpanKind::Server,
+                    start,
+                    db_us + 10_000,
+                    vec![
+                        kv("sightline.bt", bt),
+                        kv("http.route", route),
+                        kv("http.request.method", "POST"),
+                    ],
+                ));
+                spans.push(span(
+                    &t,
+                    2,
+                    1,
+                    SpanKind::Client,
+                    start + 5_000_000,
+                    db_us,
+                    vec![kv("sightline.bt", bt), kv("db.system", "postgresql")],
+                ));
+            }
+        }
+    }
+    spans
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_fails_the_regressed_transaction_and_names_its_stage() {
+    let collector = Collector::start(testing::config("compare_api")).await.unwrap();
+    let api = format!("http://{}", collector.api_addr);
+    let mut client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))
+        .await
+        .unwrap();
+    let now_s = now_ns() / 1_000_000_000 / 10 * 10;
+    let (base_from, cand_from) = (now_s - 2 * BLOCKS * 10, now_s - BLOCKS * 10);
+    for (version, first, db_ms) in [("1.4.2", base_from, 20), ("1.5.0", cand_from, 45)] {
+        for chunk in version_spans(first, db_ms).chunks(2000) {
+            let mut req = request("chat", chunk.to_vec());
+            req.resource_spans[0]
+                .resource
+                .as_mut()
+                .unwrap()
+                .attributes
+                .push(kv("service.version", version));
+            client.export(req).await.unwrap();
+        }
+    }
+
+    let url = format!(
+        "{api}/api/v1/compare?service=chat&baseline=1.4.2&candidate=1.5.0&from={}&to={}",
+        base_from * 1000,
+        (now_s + 10) * 1000
+    );
+    let report: Value = eventually("every block stored", Duration::from_secs(30), || async {
+        let r = get(&url).await;
+        let body = (r.status == 200).then(|| r.json())?;
+        let complete = body["transactions"]
+            .as_array()?
+            .iter()
+            .all(|t| t["candidate_blocks"] == BLOCKS && t["baseline_blocks"] == BLOCKS);
+        complete.then_some(body)
+    })
+    .await;
+    assert_eq!(report["verdict"], "fail", "{report:#}");
+    assert_eq!(report["block_seconds"], 10);
+    let transactions = report["transactions"].as_array().unwrap();
+    let accept = &transactions[0];
+    assert_eq!(accept["bt"], "AcceptChat", "worst first");
+    assert_eq!(accept["verdict"], "fail");
+    assert_eq!(accept["candidate_calls"], BLOCKS * PER_BLOCK);
+    assert_eq!(accept["stage"][0], "db", "{accept:#}");
+    let reason = accept["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("beyond") && reason.contains("60 vs 60 blocks") && reason.contains("db +"),
+        "{reason}"
+    );
+    let login = transactions.iter().find(|t| t["bt"] == "Login").unwrap();
+    assert_eq!(login["verdict"], "pass", "{login:#}");
+
+    // A caller's bands: +200% allowed on AcceptChat's p50 and p99 makes it a warning.
+    let relaxed = json!({ "bt": { "AcceptChat": { "p50": 2.0, "p90": 2.0, "p99": 2.0, "errors": 0.005 } } });
+    let r = http("POST", &url, Some("application/json"), relaxed.to_string().into_bytes()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["transactions"][0]["verdict"], "warn", "{:#}", r.json());
+
+    // Clear refusals.
+    let unknown = get(&format!(
+        "{api}/api/v1/compare?service=chat&baseline=1.4.2&candidate=9.9.9&from={}",
+        base_from * 1000
+    ))
+    .await;
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.json()["error"].as_str().unwrap().contains("9.9.9"));
+    for bad in [
+        "service=chat&baseline=1.4.2",
+        "service=chat&baseline=1&candidate=1",
+        "service=chat&baseline=1&candidate=2&block=5s",
+    ] {
+        let r = get(&format!("{api}/api/v1/compare?{bad}")).await;
+        assert_eq!(r.status, 400, "{bad}");
+        assert!(r.json()["error"].is_string());
+    }
+    let bad_body = http("POST", &url, Some("application/json"), b"{\"alpha\": \"x\"}".to_vec()).await;
+    assert_eq!(bad_body.status, 400);
+    collector.shutdown().await.unwrap();
+}
