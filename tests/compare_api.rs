@@ -5,86 +5,13 @@
 
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::trace_service_client::TraceServiceClient,
-    common::v1::KeyValue,
-    trace::v1::{span::SpanKind, Span},
-};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use serde_json::{json, Value};
 use sightline_collector::Collector;
-use sightline_tests::{
-    eventually, get,
-    otlp::{kv, now_ns, request, trace_id},
-    request as http, testing,
-};
+use sightline_tests::{eventually, get, otlp, request as http, testing};
 
 const BLOCKS: u64 = 60;
 const PER_BLOCK: u64 = 20;
-
-fn span(
-    trace: &[u8],
-    id: u64,
-    parent: u64,
-    kind: SpanKind,
-    start: u64,
-    micros: u64,
-    attributes: Vec<KeyValue>,
-) -> Span {
-    Span {
-        trace_id: trace.to_vec(),
-        span_id: id.to_be_bytes().to_vec(),
-        parent_span_id: if parent == 0 {
-            vec![]
-        } else {
-            parent.to_be_bytes().to_vec()
-        },
-        name: "op".into(),
-        kind: kind as i32,
-        start_time_unix_nano: start,
-        end_time_unix_nano: start + micros * 1000,
-        attributes,
-        ..Span::default()
-    }
-}
-
-/// `BLOCKS` 10-second blocks from `first_block_s` of both BTs; AcceptChat's DB call takes
-/// `db_ms` (+- a little, so blocks differ).
-fn version_spans(first_block_s: u64, db_ms: u64) -> Vec<Span> {
-    let mut spans = Vec::new();
-    for block in 0..BLOCKS {
-        for i in 0..PER_BLOCK {
-            let start = (first_block_s + block * 10) * 1_000_000_000 + i * 100_000_000;
-            let jitter = (block * 7 + i * 13) % 5;
-            for (bt, route, db) in [("AcceptChat", "/chats/{id}/accept", db_ms), ("Login", "/login", 8)] {
-                let t = trace_id();
-                let db_us = (db + jitter) * 1000;
-                spans.push(span(
-                    &t,
-                    1,
-                    0,
-                    SpanKind::Server,
-                    start,
-                    db_us + 10_000,
-                    vec![
-                        kv("sightline.bt", bt),
-                        kv("http.route", route),
-                        kv("http.request.method", "POST"),
-                    ],
-                ));
-                spans.push(span(
-                    &t,
-                    2,
-                    1,
-                    SpanKind::Client,
-                    start + 5_000_000,
-                    db_us,
-                    vec![kv("sightline.bt", bt), kv("db.system", "postgresql")],
-                ));
-            }
-        }
-    }
-    spans
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_fails_the_regressed_transaction_and_names_its_stage() {
@@ -93,19 +20,11 @@ async fn compare_fails_the_regressed_transaction_and_names_its_stage() {
     let mut client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))
         .await
         .unwrap();
-    let now_s = now_ns() / 1_000_000_000 / 10 * 10;
+    let now_s = otlp::now_ns() / 1_000_000_000 / 10 * 10;
     let (base_from, cand_from) = (now_s - 2 * BLOCKS * 10, now_s - BLOCKS * 10);
     for (version, first, db_ms) in [("1.4.2", base_from, 20), ("1.5.0", cand_from, 45)] {
-        for chunk in version_spans(first, db_ms).chunks(2000) {
-            let mut req = request("chat", chunk.to_vec());
-            req.resource_spans[0]
-                .resource
-                .as_mut()
-                .unwrap()
-                .attributes
-                .push(kv("service.version", version));
-            client.export(req).await.unwrap();
-        }
+        let spans = otlp::chat_blocks(first, BLOCKS, PER_BLOCK, db_ms);
+        otlp::send_version(&mut client, "chat", version, spans).await;
     }
 
     let url = format!(

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sightline_collector::{Collector, Config};
 use tracing_subscriber::EnvFilter;
@@ -33,21 +34,105 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Compare two versions of a service through a collector and fail CI on a real regression.
+    ///
+    /// Exit codes: 0 pass, 1 fail, 2 warn (only with --fail-on-warn; otherwise a warning
+    /// passes), 3 inconclusive (too little traffic to judge), 4 error (collector unreachable,
+    /// unknown service or version, bad input).
+    Gate {
+        #[arg(long)]
+        service: String,
+        /// The version running now (e.g. production's).
+        #[arg(long)]
+        baseline: String,
+        /// The version under test.
+        #[arg(long)]
+        candidate: String,
+        /// Start of the window: RFC 3339 or Unix milliseconds (default: 15 minutes ago).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the window (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// The collector's HTTP API.
+        #[arg(long, default_value = "http://127.0.0.1:8480")]
+        url: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: sightline_collector::gate::Format,
+        /// Write the report here instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Exit 2 on a warning (a significant slowdown within its band).
+        #[arg(long)]
+        fail_on_warn: bool,
+        /// Bands and settings (see gate.example.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        // Logs on stderr: the gate's report is standard output.
+        .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
+        Command::Gate {
+            service,
+            baseline,
+            candidate,
+            from,
+            to,
+            url,
+            format,
+            output,
+            fail_on_warn,
+            config,
+        } => {
+            let args = sightline_collector::gate::GateArgs {
+                service,
+                baseline,
+                candidate,
+                from,
+                to,
+                url,
+                format,
+                fail_on_warn,
+                config,
+            };
+            return gate(&args, output);
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the gate; its exit code is the verdict's (4 on any error).
+fn gate(args: &sightline_collector::gate::GateArgs, output: Option<PathBuf>) -> std::process::ExitCode {
+    use sightline_collector::gate;
+    let outcome = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(gate::run(args)));
+    let written = outcome.and_then(|(report, code)| {
+        match &output {
+            Some(path) => std::fs::write(path, &report).with_context(|| format!("cannot write {}", path.display()))?,
+            None => print!("{report}"),
+        }
+        Ok(code)
+    });
+    match written {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(gate::ERROR_EXIT)
         }
     }
 }

@@ -124,7 +124,7 @@ pub enum Verdict {
 }
 
 /// One metric's finding: the estimate and interval of the change, and its verdict.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetricResult {
     /// Candidate / baseline for latencies; candidate - baseline for the error rate.
     pub estimate: f64,
@@ -135,7 +135,7 @@ pub struct MetricResult {
     pub verdict: Verdict,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BtResult {
     pub bt: String,
     pub verdict: Verdict,

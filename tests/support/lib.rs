@@ -138,6 +138,69 @@ pub mod otlp {
         }
     }
 
+    /// The `chat` service's AcceptChat and Login over `blocks` 10-second blocks from
+    /// `first_block_s` (Unix seconds), `per_block` requests of each a block, each a server span
+    /// with a database call; AcceptChat's call takes `accept_db_ms` (+ a few ms that vary, so
+    /// blocks differ), Login's 8 ms.
+    pub fn chat_blocks(first_block_s: u64, blocks: u64, per_block: u64, accept_db_ms: u64) -> Vec<Span> {
+        let span = |trace: &[u8], id: u64, parent: u64, kind: SpanKind, start: u64, micros: u64, attributes| Span {
+            trace_id: trace.to_vec(),
+            span_id: u64::to_be_bytes(id).to_vec(),
+            parent_span_id: if parent == 0 {
+                vec![]
+            } else {
+                u64::to_be_bytes(parent).to_vec()
+            },
+            name: "op".into(),
+            kind: kind as i32,
+            start_time_unix_nano: start,
+            end_time_unix_nano: start + micros * 1000,
+            attributes,
+            ..Span::default()
+        };
+        let mut spans = Vec::new();
+        for block in 0..blocks {
+            for i in 0..per_block {
+                let start = (first_block_s + block * 10) * 1_000_000_000 + i * 100_000_000;
+                let jitter = (block * 7 + i * 13) % 5;
+                for (bt, route, db) in [
+                    ("AcceptChat", "/chats/{id}/accept", accept_db_ms),
+                    ("Login", "/login", 8),
+                ] {
+                    let t = trace_id();
+                    let db_us = (db + jitter) * 1000;
+                    let bt = kv("sightline.bt", bt);
+                    let server = vec![bt.clone(), kv("http.route", route), kv("http.request.method", "POST")];
+                    spans.push(span(&t, 1, 0, SpanKind::Server, start, db_us + 10_000, server));
+                    let call = vec![bt, kv("db.system", "postgresql")];
+                    spans.push(span(&t, 2, 1, SpanKind::Client, start + 5_000_000, db_us, call));
+                }
+            }
+        }
+        spans
+    }
+
+    /// Sends `spans` as `service` at `version` over OTLP/gRPC, in requests of 2000.
+    pub async fn send_version(
+        client: &mut opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient<
+            tonic::transport::Channel,
+        >,
+        service: &str,
+        version: &str,
+        spans: Vec<Span>,
+    ) {
+        for chunk in spans.chunks(2000) {
+            let mut req = request(service, chunk.to_vec());
+            req.resource_spans[0]
+                .resource
+                .as_mut()
+                .unwrap()
+                .attributes
+                .push(kv("service.version", version));
+            client.export(req).await.unwrap();
+        }
+    }
+
     pub fn request(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
         ExportTraceServiceRequest {
             resource_spans: vec![ResourceSpans {
