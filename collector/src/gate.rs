@@ -302,7 +302,10 @@ mod tests {
         let defaults = Settings::default();
         assert_eq!((settings.bands, settings.alpha), (defaults.bands, defaults.alpha));
         assert_eq!(settings.bt["Login"].p99, 0.30);
-        assert_eq!(settings.bt["Login"].p50, defaults.bands.p50, "unset keys keep their default");
+        assert_eq!(
+            settings.bt["Login"].p50, defaults.bands.p50,
+            "unset keys keep their default"
+        );
     }
 
     #[test]

@@ -2,28 +2,18 @@
 //! instrumented only through the crate's layers. One request through all three yields one
 //! trace with the BT on every span, correct parents, and DB and cache child spans with peers.
 
+mod common;
+
 use std::{
-    net::TcpListener,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
+
+use common::{free_port, Service};
 
 use serde_json::Value;
 use sightline_collector::Collector;
 use sightline_tests::{eventually, first_trace, testing, trace_with};
-
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn start(role: &str, port: u16, next: Option<u16>, collector: &str) -> Service {
     let mut command = Command::new(env!("CARGO_BIN_EXE_chat-service"));

@@ -1,10 +1,15 @@
-//! A minimal axum service for overhead measurements: `GET /users/{id}` does a little CPU work
-//! inside a child span. With `--collector`, the agent and its server layer are on; without,
-//! the same service runs bare. See benches/src/overhead.rs.
+//! A minimal axum service for overhead measurements and the gate's end-to-end test.
+//!
+//! `GET /users/{id}` (BT GetUser) does a little CPU work inside a db client span; `POST /orders`
+//! (BT PlaceOrder) waits on a simulated database call. With `--collector`, the agent and its
+//! server layer are on; without, the same service runs bare. `--db-ms` adds a simulated
+//! database wait to both; `--slow-bt` with `--db-slowdown` makes one BT's database calls
+//! slower, as a regression in a candidate version would. See benches/src/overhead.rs and
+//! examples/tests/gate_end_to_end.rs.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{routing, Router};
+use axum::{extract::State, routing, Router};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -17,9 +22,44 @@ struct Args {
     /// Share of transactions whose call chain is recorded.
     #[arg(long, default_value_t = 1.0)]
     sampling_ratio: f64,
+    /// The version this process reports.
+    #[arg(long, default_value = "1.0.0")]
+    service_version: String,
+    /// Simulated database time per call, ms.
+    #[arg(long, default_value_t = 0.0)]
+    db_ms: f64,
+    /// The BT whose database calls are slower (GetUser or PlaceOrder).
+    #[arg(long)]
+    slow_bt: Option<String>,
+    /// How much slower: 1.15 = 15%.
+    #[arg(long, default_value_t = 1.0)]
+    db_slowdown: f64,
 }
 
-async fn user(axum::extract::Path(id): axum::extract::Path<u64>) -> String {
+struct Database {
+    wait: Duration,
+    slow_bt: Option<String>,
+    slowdown: f64,
+}
+
+impl Database {
+    /// A database call of `bt`, timed as a client span.
+    async fn query(&self, bt: &str, statement: &'static str) {
+        let factor = if self.slow_bt.as_deref() == Some(bt) {
+            self.slowdown
+        } else {
+            1.0
+        };
+        let wait = self.wait.mul_f64(factor);
+        if !wait.is_zero() {
+            let call = sightline::span(statement).client("db", "postgres:shop").start();
+            call.instrument(tokio::time::sleep(wait)).await;
+        }
+    }
+}
+
+async fn user(State(db): State<Arc<Database>>, axum::extract::Path(id): axum::extract::Path<u64>) -> String {
+    db.query("GetUser", "SELECT users").await;
     let _lookup = sightline::span("SELECT users").client("db", "postgres:users").entered();
     // ~20 us of work standing in for a handler's own code.
     let mut x = id;
@@ -29,13 +69,27 @@ async fn user(axum::extract::Path(id): axum::extract::Path<u64>) -> String {
     format!("{x}")
 }
 
+async fn order(State(db): State<Arc<Database>>) -> &'static str {
+    db.query("PlaceOrder", "INSERT orders").await;
+    "ok"
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let app = Router::new().route("/users/{id}", routing::get(user));
+    let database = Arc::new(Database {
+        wait: Duration::from_secs_f64(args.db_ms / 1000.0),
+        slow_bt: args.slow_bt.clone(),
+        slowdown: args.db_slowdown,
+    });
+    let app = Router::new()
+        .route("/users/{id}", routing::get(user))
+        .route("/orders", routing::post(order))
+        .with_state(database);
     let _agent = match &args.collector {
         Some(collector) => Some(sightline::init(sightline::Config {
             service: "hello".into(),
+            version: args.service_version.clone(),
             collector: collector.clone(),
             sampling_ratio: args.sampling_ratio,
             ..Default::default()
@@ -43,7 +97,13 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let app = if args.collector.is_some() {
-        app.layer(sightline::tower::ServerLayer::new())
+        app.layer(
+            sightline::tower::ServerLayer::new().naming(|operation| match operation {
+                "GET /users/{id}" => Some("GetUser".into()),
+                "POST /orders" => Some("PlaceOrder".into()),
+                _ => None,
+            }),
+        )
     } else {
         app
     };
