@@ -63,6 +63,7 @@ async fn gate_reports_in_every_format_and_exits_by_verdict() {
         "to",
         "block_seconds",
         "verdict",
+        "reweighted_mean_ratio",
         "dashboard",
         "transactions",
     ] {

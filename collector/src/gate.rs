@@ -52,6 +52,9 @@ pub struct Comparison {
     pub to: u64,
     pub block_seconds: u32,
     pub verdict: Verdict,
+    /// All BTs' mean latency, the candidate's at the baseline's traffic mix, as a ratio.
+    #[serde(default)]
+    pub reweighted_mean_ratio: Option<f64>,
     pub transactions: Vec<BtResult>,
 }
 
@@ -164,8 +167,12 @@ fn points(m: &Option<MetricResult>) -> String {
 }
 
 fn headline(c: &Comparison) -> String {
+    let mix = c
+        .reweighted_mean_ratio
+        .map(|r| format!(", mean {:+.1}% at the baseline's traffic mix", (r - 1.0) * 100.0))
+        .unwrap_or_default();
     format!(
-        "{} {} vs {}: {} ({} BTs, {} s blocks)",
+        "{} {} vs {}: {} ({} BTs, {} s blocks{mix})",
         c.service,
         c.candidate,
         c.baseline,
@@ -285,6 +292,7 @@ fn json(c: &Comparison, url: &str) -> String {
         "to": c.to,
         "block_seconds": c.block_seconds,
         "verdict": c.verdict,
+        "reweighted_mean_ratio": c.reweighted_mean_ratio,
         "dashboard": dashboard_link(c, url),
         "transactions": c.transactions,
     });
