@@ -38,7 +38,11 @@ async fn compare_fails_the_regressed_transaction_and_names_its_stage() {
         let complete = body["transactions"]
             .as_array()?
             .iter()
-            .all(|t| t["candidate_blocks"] == BLOCKS && t["baseline_blocks"] == BLOCKS);
+            // Stage sums are a separate INSERT from the latency blocks: wait for them too.
+            .all(|t| {
+                let stages_in = t["bt"] != "AcceptChat" || !t["stage"].is_null();
+                t["candidate_blocks"] == BLOCKS && t["baseline_blocks"] == BLOCKS && stages_in
+            });
         complete.then_some(body)
     })
     .await;

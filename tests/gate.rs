@@ -51,7 +51,11 @@ async fn gate_reports_in_every_format_and_exits_by_verdict() {
         let complete = json["transactions"]
             .as_array()?
             .iter()
-            .all(|t| t["candidate_blocks"] == BLOCKS && t["baseline_blocks"] == BLOCKS);
+            // Stage sums are a separate INSERT from the latency blocks: wait for them too.
+            .all(|t| {
+                let stages_in = t["bt"] != "AcceptChat" || !t["stage"].is_null();
+                t["candidate_blocks"] == BLOCKS && t["baseline_blocks"] == BLOCKS && stages_in
+            });
         complete.then_some(json)
     })
     .await;

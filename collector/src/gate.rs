@@ -26,19 +26,33 @@ pub enum Format {
     Json,
 }
 
-/// What to compare and how to report it.
-#[derive(Debug, Clone)]
+/// What to compare and how to report it (the command line's `sightline gate` flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct GateArgs {
+    #[arg(long)]
     pub service: String,
+    /// The version running now (e.g. production's).
+    #[arg(long)]
     pub baseline: String,
+    /// The version under test.
+    #[arg(long)]
     pub candidate: String,
-    /// RFC 3339 or Unix milliseconds, as the API takes them.
+    /// Start of the window: RFC 3339 or Unix milliseconds (default: 15 minutes ago).
+    #[arg(long)]
     pub from: Option<String>,
+    /// End of the window (default: now).
+    #[arg(long)]
     pub to: Option<String>,
-    /// The collector's API, e.g. http://127.0.0.1:8480.
+    /// The collector's HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:8480")]
     pub url: String,
+    #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
+    /// Exit 2 on a warning (a significant slowdown within its band).
+    #[arg(long)]
     pub fail_on_warn: bool,
+    /// Bands and settings (see gate.example.toml).
+    #[arg(long)]
     pub config: Option<std::path::PathBuf>,
 }
 

@@ -40,34 +40,11 @@ enum Command {
     /// passes), 3 inconclusive (too little traffic to judge), 4 error (collector unreachable,
     /// unknown service or version, bad input).
     Gate {
-        #[arg(long)]
-        service: String,
-        /// The version running now (e.g. production's).
-        #[arg(long)]
-        baseline: String,
-        /// The version under test.
-        #[arg(long)]
-        candidate: String,
-        /// Start of the window: RFC 3339 or Unix milliseconds (default: 15 minutes ago).
-        #[arg(long)]
-        from: Option<String>,
-        /// End of the window (default: now).
-        #[arg(long)]
-        to: Option<String>,
-        /// The collector's HTTP API.
-        #[arg(long, default_value = "http://127.0.0.1:8480")]
-        url: String,
-        #[arg(long, value_enum, default_value = "table")]
-        format: sightline_collector::gate::Format,
+        #[command(flatten)]
+        args: sightline_collector::gate::GateArgs,
         /// Write the report here instead of standard output.
         #[arg(long)]
         output: Option<PathBuf>,
-        /// Exit 2 on a warning (a significant slowdown within its band).
-        #[arg(long)]
-        fail_on_warn: bool,
-        /// Bands and settings (see gate.example.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
     },
 }
 
@@ -80,29 +57,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
-        Command::Gate {
-            service,
-            baseline,
-            candidate,
-            from,
-            to,
-            url,
-            format,
-            output,
-            fail_on_warn,
-            config,
-        } => {
-            let args = sightline_collector::gate::GateArgs {
-                service,
-                baseline,
-                candidate,
-                from,
-                to,
-                url,
-                format,
-                fail_on_warn,
-                config,
-            };
+        Command::Gate { args, output } => {
             return gate(&args, output);
         }
     };

@@ -99,8 +99,17 @@ async fn the_gate_passes_the_same_code_and_fails_a_db_slowdown_naming_it() {
     let (same, code) = gate::run(&args("1.0.1")).await.unwrap();
     assert!(code == 0 || code == 3, "same code: exit {code}\n{same}");
 
-    let (slow, code) = gate::run(&args("1.1.0")).await.unwrap();
-    let report: serde_json::Value = serde_json::from_str(&slow).unwrap();
+    // Stage sums are written in their own INSERT: wait until the slow version's are in.
+    let (report, code) = sightline_tests::eventually("the stage sums", Duration::from_secs(30), || async {
+        let (slow, code) = gate::run(&args("1.1.0")).await.ok()?;
+        let report: serde_json::Value = serde_json::from_str(&slow).unwrap();
+        let order = report["transactions"]
+            .as_array()?
+            .iter()
+            .find(|t| t["bt"] == "PlaceOrder")?;
+        (!order["stage"].is_null()).then_some((report, code))
+    })
+    .await;
     assert_eq!(code, 1, "{report:#}");
     let order = report["transactions"]
         .as_array()

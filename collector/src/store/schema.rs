@@ -224,12 +224,16 @@ GROUP BY minute, service, service_version, instance"
 }
 
 fn latency_tables(d: &Ddl) -> Vec<String> {
-    let db = &d.database;
+    vec![latency_table(&d.database, "latency_1m", "minute", "")]
+}
+
+/// A latency aggregate table with its time column named `time` and an optional TTL clause.
+fn latency_table(db: &str, table: &str, time: &str, ttl: &str) -> String {
     // The histogram column's name must end in `Map` for 18.16's SummingMergeTree to sum it by
     // bucket on merge; `sumMap(histMap.bucket, histMap.count)` reads it back.
-    vec![format!(
-        "CREATE TABLE IF NOT EXISTS {db}.latency_1m (
-  minute DateTime,
+    format!(
+        "CREATE TABLE IF NOT EXISTS {db}.{table} (
+  {time} DateTime,
   service LowCardinality(String),
   service_version LowCardinality(String),
   bt LowCardinality(String),
@@ -241,9 +245,9 @@ fn latency_tables(d: &Ddl) -> Vec<String> {
   duration_us_sum UInt64,
   histMap Nested(bucket UInt64, count UInt64)
 ) ENGINE = SummingMergeTree((calls, errors, duration_us_sum))
-PARTITION BY toDate(minute)
-ORDER BY (service, minute, service_version, bt, operation, kind, status)"
-    )]
+PARTITION BY toDate({time})
+ORDER BY (service, {time}, service_version, bt, operation, kind, status){ttl}"
+    )
 }
 
 fn edge_tables(d: &Ddl) -> Vec<String> {
@@ -270,7 +274,6 @@ ORDER BY (minute, caller, callee, bt, caller_type, callee_type, caller_version, 
 }
 
 fn fine_latency_tables(d: &Ddl) -> Vec<String> {
-    let db = &d.database;
     let ttl = if d.modern {
         format!(
             "\nTTL time + INTERVAL {} DAY",
@@ -279,23 +282,7 @@ fn fine_latency_tables(d: &Ddl) -> Vec<String> {
     } else {
         String::new()
     };
-    vec![format!(
-        "CREATE TABLE IF NOT EXISTS {db}.latency_10s (
-  time DateTime,
-  service LowCardinality(String),
-  service_version LowCardinality(String),
-  bt LowCardinality(String),
-  operation LowCardinality(String),
-  kind {KIND_ENUM},
-  status {STATUS_ENUM},
-  calls UInt64,
-  errors UInt64,
-  duration_us_sum UInt64,
-  histMap Nested(bucket UInt64, count UInt64)
-) ENGINE = SummingMergeTree((calls, errors, duration_us_sum))
-PARTITION BY toDate(time)
-ORDER BY (service, time, service_version, bt, operation, kind, status){ttl}"
-    )]
+    vec![latency_table(&d.database, "latency_10s", "time", &ttl)]
 }
 
 fn stage_tables(d: &Ddl) -> Vec<String> {
