@@ -85,7 +85,15 @@ async fn compare_fails_the_regressed_transaction_and_names_its_stage() {
         assert_eq!(r.status, 400, "{bad}");
         assert!(r.json()["error"].is_string());
     }
-    let bad_body = http("POST", &url, Some("application/json"), b"{\"alpha\": \"x\"}".to_vec()).await;
-    assert_eq!(bad_body.status, 400);
+    for bad in [
+        r#"{"alpha": "x"}"#,
+        r#"{"resamples": 100000000}"#,
+        r#"{"alpha": 0}"#,
+        r#"{"bt": {"Login": {"p99": -1}}}"#,
+    ] {
+        let r = http("POST", &url, Some("application/json"), bad.as_bytes().to_vec()).await;
+        assert_eq!(r.status, 400, "{bad}");
+        assert!(r.json()["error"].is_string(), "{bad}");
+    }
     collector.shutdown().await.unwrap();
 }

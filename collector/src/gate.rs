@@ -96,8 +96,14 @@ pub fn load_settings(path: Option<&Path>) -> anyhow::Result<Settings> {
         figment = figment.merge(Toml::file(path));
     }
     figment
-        .extract()
+        .extract::<Settings>()
         .map_err(|e| anyhow::anyhow!("invalid gate config: {e}"))
+        .and_then(|settings| {
+            settings
+                .check()
+                .map_err(|e| anyhow::anyhow!("invalid gate config: {e}"))?;
+            Ok(settings)
+        })
 }
 
 /// Runs the comparison; returns the report text (in `args.format`) and the exit code.

@@ -114,6 +114,31 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// Settings the engine can work with: a false-alarm budget in (0, 0.5], 20..=10,000
+    /// resamples, at least 2 blocks, bands finite and not negative.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.alpha > 0.0 && self.alpha <= 0.5) {
+            return Err(format!("alpha must be in (0, 0.5], got {}", self.alpha));
+        }
+        if !(20..=10_000).contains(&self.resamples) {
+            return Err(format!("resamples must be 20..=10000, got {}", self.resamples));
+        }
+        if self.min_blocks < 2 {
+            return Err(format!("min_blocks must be at least 2, got {}", self.min_blocks));
+        }
+        let bands = std::iter::once(("bands", &self.bands)).chain(self.bt.iter().map(|(bt, b)| (bt.as_str(), b)));
+        for (name, b) in bands {
+            for (metric, value) in [("p50", b.p50), ("p90", b.p90), ("p99", b.p99), ("errors", b.errors)] {
+                if !(value.is_finite() && value >= 0.0) {
+                    return Err(format!("{name}.{metric} must be a number >= 0, got {value}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {

@@ -129,6 +129,7 @@ async fn compare_with(
     settings: Result<Json<Settings>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(settings) = settings.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    settings.check().map_err(ApiError::bad_request)?;
     let window = parse_window(&params)?;
     let scope = CompareScope {
         service: params::required(&params, "service")?,
