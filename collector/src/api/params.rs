@@ -71,14 +71,16 @@ pub fn required(params: &HashMap<String, String>, key: &str) -> Result<String, A
     name(params, key)?.ok_or_else(|| ApiError::bad_request(format!("{key} is required")))
 }
 
-/// `block`: `10s` or `1m`; by default 10 s for windows up to two hours, a minute beyond.
+/// `block`: `10s` or `1m`; by default 10 s for windows up to two hours that the 10-second
+/// aggregates still cover, a minute otherwise.
 pub fn block_seconds(params: &HashMap<String, String>, window: &Window) -> Result<u32, ApiError> {
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let fine_from = now_us.saturating_sub(u64::from(crate::store::schema::FINE_RETENTION_DAYS) * 86_400 * 1_000_000);
+    let short = window.to_us - window.from_us <= 2 * 3600 * 1_000_000;
     match params.get("block").map(String::as_str) {
-        None | Some("") => Ok(if window.to_us - window.from_us <= 2 * 3600 * 1_000_000 {
-            10
-        } else {
-            60
-        }),
+        None | Some("") => Ok(if short && window.from_us >= fine_from { 10 } else { 60 }),
         Some("10s") => Ok(10),
         Some("1m" | "60s") => Ok(60),
         Some(other) => Err(ApiError::bad_request(format!("block must be 10s or 1m, got {other:?}"))),
@@ -138,6 +140,26 @@ pub fn trace_filter(params: &HashMap<String, String>) -> Result<TraceFilter, Api
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_are_ten_seconds_for_short_recent_windows_and_a_minute_otherwise() {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        let hour = 3600 * 1_000_000;
+        let none = HashMap::new();
+        let window = |from_us: u64, to_us: u64| Window { from_us, to_us };
+        assert_eq!(block_seconds(&none, &window(now_us - hour, now_us)).unwrap(), 10);
+        assert_eq!(block_seconds(&none, &window(now_us - 5 * hour, now_us)).unwrap(), 60);
+        // Older than the 10-second aggregates are kept.
+        assert_eq!(
+            block_seconds(&none, &window(now_us - 100 * hour, now_us - 99 * hour)).unwrap(),
+            60
+        );
+        let asked = HashMap::from([("block".to_string(), "1m".to_string())]);
+        assert_eq!(block_seconds(&asked, &window(now_us - hour, now_us)).unwrap(), 60);
+    }
 
     fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
