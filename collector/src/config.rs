@@ -90,6 +90,9 @@ impl Default for AgentsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
+    /// The built web dashboard (dashboards/web/dist), served at `/`. Unset: `dashboards/web/dist`
+    /// under the working directory, else the one in the source tree this binary was built from.
+    pub dashboard_dir: Option<PathBuf>,
 }
 
 /// What one request may carry. Larger requests are refused whole; oversized strings are
@@ -164,6 +167,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 8480).into(),
+            dashboard_dir: None,
         }
     }
 }

@@ -120,18 +120,22 @@ pub async fn run(args: &GateArgs) -> anyhow::Result<(String, u8)> {
 }
 
 async fn fetch(args: &GateArgs, settings: &Settings) -> anyhow::Result<Comparison> {
-    let mut query = form_urlencoded::Serializer::new(String::new());
-    query
-        .append_pair("service", &args.service)
-        .append_pair("baseline", &args.baseline)
-        .append_pair("candidate", &args.candidate);
-    if let Some(from) = &args.from {
-        query.append_pair("from", from);
-    }
-    if let Some(to) = &args.to {
-        query.append_pair("to", to);
-    }
-    let url = format!("{}/api/v1/compare?{}", args.url.trim_end_matches('/'), query.finish());
+    // The serializer is not Send: built and dropped before the first await.
+    let query = {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query
+            .append_pair("service", &args.service)
+            .append_pair("baseline", &args.baseline)
+            .append_pair("candidate", &args.candidate);
+        if let Some(from) = &args.from {
+            query.append_pair("from", from);
+        }
+        if let Some(to) = &args.to {
+            query.append_pair("to", to);
+        }
+        query.finish()
+    };
+    let url = format!("{}/api/v1/compare?{query}", args.url.trim_end_matches('/'));
     let request = http::Request::post(&url)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(serde_json::to_vec(settings)?)))

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod demo;
 pub mod gate;
 pub mod metrics;
 pub mod model;

@@ -34,6 +34,29 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Run the demo: the collector on its private ClickHouse, an instrumented chat app under
+    /// load, and two incidents replayed (a session cache stall, a DB lock shipped in 1.5.0).
+    ///
+    /// Prints the dashboard's URL and, after 75 s, the gate's verdict on the agent workspace's
+    /// 1.5.0 against 1.4.2. Stops cleanly on Ctrl-C. Needs the examples' demo-service binary
+    /// beside this one (cargo build --release -p sightline-examples).
+    Demo {
+        /// TOML configuration file for the collector (ports, ClickHouse).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Keep the data here (default: a temporary folder removed on exit).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Seconds until the gate compares the two workspace versions.
+        #[arg(long, default_value_t = 75)]
+        gate_after: u64,
+        /// Seconds until the session cache stalls.
+        #[arg(long, default_value_t = 90)]
+        stall_after: u64,
+        /// Seconds the stall lasts.
+        #[arg(long, default_value_t = 120)]
+        stall_for: u64,
+    },
     /// Compare two versions of a service through a collector and fail CI on a real regression.
     ///
     /// Exit codes: 0 pass, 1 fail, 2 warn (only with --fail-on-warn; otherwise a warning
@@ -57,6 +80,13 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
+        Command::Demo {
+            config,
+            data_dir,
+            gate_after,
+            stall_after,
+            stall_for,
+        } => demo(config, data_dir, [gate_after, stall_after, stall_for]),
         Command::Gate { args, output } => {
             return gate(&args, output);
         }
@@ -99,4 +129,43 @@ fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         let collector = Collector::start(config).await?;
         collector.run_until_signal().await
     })
+}
+
+fn demo(
+    config_path: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    [gate_after, stall_after, stall_for]: [u64; 3],
+) -> anyhow::Result<()> {
+    use sightline_collector::demo::{Demo, DemoOptions};
+    let mut config = Config::load(config_path.as_deref())?;
+    let temporary = match data_dir {
+        Some(dir) => {
+            config.data_dir = dir;
+            None
+        }
+        None => {
+            let dir = tempfile::Builder::new().prefix("sightline-demo-").tempdir()?;
+            config.data_dir = dir.path().to_path_buf();
+            Some(dir)
+        }
+    };
+    let exe = std::env::current_exe().context("cannot find this binary's folder")?;
+    let services = exe.with_file_name("demo-service");
+    let mut options = DemoOptions::new(services, config);
+    options.gate_after = std::time::Duration::from_secs(gate_after);
+    options.stall_after = std::time::Duration::from_secs(stall_after);
+    options.stall_for = std::time::Duration::from_secs(stall_for);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        println!("starting ClickHouse, the collector and the chat app (gateway, auth, messages, workspace 1.4.2 + 1.5.0, push API)...");
+        let demo = Demo::start(options).await?;
+        println!(
+            "\nDashboard: http://{}/   (data arrives at once; the gate runs at {gate_after} s, the cache stalls at {stall_after} s)\n\
+             Load: 50 requests/s into the gateway. Ctrl-C stops everything.",
+            demo.api_addr
+        );
+        demo.run_until_signal().await
+    })?;
+    drop(temporary);
+    Ok(())
 }

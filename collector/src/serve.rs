@@ -106,11 +106,14 @@ impl Collector {
                 .with_graceful_shutdown(signal(stopped))
                 .await?)
         });
-        let api_app = api::router(ApiState {
-            queries: Queries::new(client).silent_after(config.agents.silent_after_secs),
-            metrics: metrics.clone(),
-            sampling,
-        });
+        let api_app = api::router(
+            ApiState {
+                queries: Queries::new(client).silent_after(config.agents.silent_after_secs),
+                metrics: metrics.clone(),
+                sampling,
+            },
+            &api::dashboard::locate(config.api.dashboard_dir.as_deref()),
+        );
         let stopped = stop.subscribe();
         servers.spawn(async move {
             Ok(axum::serve(api_listener.tap_io(nodelay), api_app)
@@ -196,7 +199,7 @@ async fn signal(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

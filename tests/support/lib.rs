@@ -253,3 +253,45 @@ pub async fn first_trace(api: &str, query: &str) -> String {
     })
     .await
 }
+
+/// The built dashboard (`npm --prefix dashboards/web run build`, which `.ci/run` does).
+pub fn dashboard_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dashboards/web");
+    assert!(
+        dir.join("dist/index.html").is_file() && dir.join("node_modules/playwright-core").is_dir(),
+        "the dashboard is not built: npm --prefix dashboards/web ci && npm --prefix dashboards/web run build"
+    );
+    dir.join("dist")
+}
+
+/// Runs `dashboards/web/tests/browser.mjs <mode>` (playwright-core driving Debian's Chromium)
+/// against the dashboard at `url`; screenshots go to `dashboards/web/test-artifacts/<mode>`.
+/// Panics with the script's output when a check fails; returns its output otherwise.
+pub async fn browser_test(mode: &str, url: &str) -> String {
+    let web = dashboard_dir().join("..");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).is_file(),
+        "no Chromium at {chromium} (apt-get install chromium, or set CHROMIUM)"
+    );
+    let artifacts = web.join("test-artifacts").join(mode);
+    let output = tokio::process::Command::new("node")
+        .arg(web.join("tests/browser.mjs"))
+        .args([mode, url])
+        .arg(&artifacts)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .await
+        .expect("node runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "browser test {mode} failed:\n{text}\nscreenshots: {}",
+        artifacts.display()
+    );
+    text
+}

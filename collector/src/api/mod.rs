@@ -2,6 +2,7 @@
 //! parameters, ask `crate::query`, and answer JSON; every error is `{"error": "..."}` with a
 //! 4xx/5xx status, and storage errors are logged, never shown.
 
+pub mod dashboard;
 mod params;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -32,7 +33,8 @@ pub struct ApiState {
     pub sampling: Arc<tokio::sync::watch::Sender<SamplingPolicy>>,
 }
 
-pub fn router(state: ApiState) -> Router {
+/// The API under `/api/v1`, `/metrics`, the health checks, and the dashboard at `/`.
+pub fn router(state: ApiState, dashboard_dir: &std::path::Path) -> Router {
     Router::new()
         .route("/api/v1/services", get(services))
         .route("/api/v1/traces", get(search_traces))
@@ -44,8 +46,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/readyz", get(readyz))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .route(
+            "/api/{*rest}",
+            axum::routing::any(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") }),
+        )
         .with_state(state)
+        .merge(dashboard::router(dashboard_dir))
 }
 
 /// An error as the API reports it.
@@ -154,6 +160,25 @@ async fn compare_with(
         }
     }
     let report = sightline_compare::compare(&inputs, &settings);
+    // What the dashboard draws beside the verdicts: each side's latency distribution (summed
+    // block histograms, [bucket µs, count] ascending) and mean time per stage.
+    let sides: serde_json::Map<String, serde_json::Value> = inputs
+        .iter()
+        .map(|input| {
+            let side = |side: &sightline_compare::Side| {
+                let mut summed: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+                for (bucket, count) in side.blocks.iter().flat_map(|b| &b.histogram) {
+                    *summed.entry(*bucket).or_insert(0) += count;
+                }
+                let histogram: Vec<[u64; 2]> = summed.into_iter().map(|(b, c)| [b, c]).collect();
+                json!({ "histogram": histogram, "stages_ms": side.stages_ms })
+            };
+            (
+                input.bt.clone(),
+                json!({ "baseline": side(&input.baseline), "candidate": side(&input.candidate) }),
+            )
+        })
+        .collect();
     Ok(Json(json!({
         "service": scope.service,
         "baseline": scope.baseline,
@@ -164,6 +189,7 @@ async fn compare_with(
         "verdict": report.verdict,
         "reweighted_mean_ratio": report.reweighted_mean_ratio,
         "transactions": report.transactions,
+        "sides": sides,
     }))
     .into_response())
 }

@@ -159,6 +159,8 @@ pub struct EdgeView {
     pub traffic: Traffic,
     #[serde(flatten)]
     pub health: Health,
+    /// The business transactions whose calls took this edge (what clicking it filters to).
+    pub bts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -177,11 +179,13 @@ struct EdgeRecord {
     errors: u64,
     buckets: Vec<u64>,
     counts: Vec<u64>,
+    bts: Vec<String>,
 }
 
 const TOPOLOGY_SQL: &str = "SELECT caller, toString(caller_type) AS caller_type, callee,
   toString(callee_type) AS callee_type, sum(calls) AS calls, sum(errors) AS errors,
-  (sumMap(histMap.bucket, histMap.count) AS h).1 AS buckets, h.2 AS counts
+  (sumMap(histMap.bucket, histMap.count) AS h).1 AS buckets, h.2 AS counts,
+  arraySort(groupUniqArray(bt)) AS bts
 FROM edges_1m
 WHERE minute >= toDateTime(?) AND minute < toDateTime(?)
   AND (? = '' OR bt = ?)
@@ -279,6 +283,7 @@ impl Queries {
             edges.push(EdgeView {
                 traffic: traffic(r.calls, r.errors, &sparse),
                 health,
+                bts: r.bts,
                 caller,
                 caller_type,
                 callee,

@@ -1,7 +1,8 @@
 //! `GET /api/v1/transactions`: per service and business transaction, RED from the latency
 //! aggregates (entry spans: exact under sampling) and the stage breakdown from the stage
 //! self-time aggregates: each stage's share of the BT's time, and that share of its mean
-//! latency. Reads aggregates only.
+//! latency; and a per-minute series (calls, errors, p99) for sparklines. Reads aggregates
+//! only.
 
 use std::collections::BTreeMap;
 
@@ -35,10 +36,23 @@ pub struct TransactionView {
     pub p99_ms: f64,
     /// Largest first.
     pub stages: Vec<StageView>,
+    /// Minute by minute, oldest first (minutes without calls left out).
+    pub series: Vec<MinutePoint>,
+}
+
+/// One minute of a BT's calls.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MinutePoint {
+    /// Unix ms of the minute's start.
+    pub minute: u64,
+    pub calls: u64,
+    pub errors: u64,
+    pub p99_ms: f64,
 }
 
 #[derive(Debug, Row, Deserialize)]
 struct RedRecord {
+    minute: u32,
     service: String,
     bt: String,
     calls: u64,
@@ -56,14 +70,14 @@ struct StageRecord {
     self_us_sum: u64,
 }
 
-const RED_SQL: &str = "SELECT service, bt, sum(calls) AS calls, sum(errors) AS errors,
+const RED_SQL: &str = "SELECT toUInt32(minute) AS minute, service, bt, sum(calls) AS calls, sum(errors) AS errors,
   sum(duration_us_sum) AS duration_us_sum,
   (sumMap(histMap.bucket, histMap.count) AS h).1 AS buckets, h.2 AS counts
 FROM latency_1m
 WHERE minute >= toDateTime(?) AND minute < toDateTime(?) AND (? = '' OR service = ?)
   AND kind IN ('server', 'consumer')
-GROUP BY service, bt
-ORDER BY service, bt";
+GROUP BY minute, service, bt
+ORDER BY service, bt, minute";
 
 const STAGES_SQL: &str = "SELECT service, bt, stage, sum(self_us_sum) AS self_us_sum
 FROM stages_1m
@@ -86,17 +100,34 @@ impl Queries {
                 .push((s.stage, s.self_us_sum));
         }
         let minutes = (window.to_us.saturating_sub(window.from_us) as f64 / 60e6).max(1.0 / 60.0);
-        Ok(red
+        // Minutes folded into one record per BT (rows arrive sorted by service, bt, minute).
+        let mut totals: Vec<(RedRecord, Vec<MinutePoint>)> = Vec::new();
+        for r in red {
+            let point = MinutePoint {
+                minute: u64::from(r.minute) * 1000,
+                calls: r.calls,
+                errors: r.errors,
+                p99_ms: quantile_ms(
+                    &histogram::from_sparse(r.buckets.iter().copied().zip(r.counts.iter().copied())),
+                    0.99,
+                ),
+            };
+            match totals.last_mut() {
+                Some((t, series)) if t.service == r.service && t.bt == r.bt => {
+                    t.calls += r.calls;
+                    t.errors += r.errors;
+                    t.duration_us_sum += r.duration_us_sum;
+                    t.buckets.extend(r.buckets);
+                    t.counts.extend(r.counts);
+                    series.push(point);
+                }
+                _ => totals.push((r, vec![point])),
+            }
+        }
+        Ok(totals
             .into_iter()
-            .map(|r| {
+            .map(|(r, series)| {
                 let hist = histogram::from_sparse(r.buckets.iter().copied().zip(r.counts.iter().copied()));
-                let quantile_ms = |q: f64| {
-                    if hist.is_empty() {
-                        0.0
-                    } else {
-                        hist.value_at_quantile(q) as f64 / 1000.0
-                    }
-                };
                 let mean_ms = r.duration_us_sum as f64 / r.calls.max(1) as f64 / 1000.0;
                 let parts = self_time.remove(&(r.service.clone(), r.bt.clone())).unwrap_or_default();
                 let total: u64 = parts.iter().map(|(_, us)| us).sum();
@@ -117,9 +148,10 @@ impl Queries {
                     error_rate: r.errors as f64 / r.calls.max(1) as f64,
                     rate_per_min: r.calls as f64 / minutes,
                     mean_ms,
-                    p50_ms: quantile_ms(0.5),
-                    p99_ms: quantile_ms(0.99),
+                    p50_ms: quantile_ms(&hist, 0.5),
+                    p99_ms: quantile_ms(&hist, 0.99),
                     stages,
+                    series,
                     service: r.service,
                     bt: r.bt,
                     calls: r.calls,
@@ -145,5 +177,14 @@ impl Queries {
             .bind(window.to_us.div_ceil(1_000_000))
             .bind(service)
             .bind(service)
+    }
+}
+
+/// A quantile of a histogram in ms (0 when empty).
+fn quantile_ms(hist: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
+    if hist.is_empty() {
+        0.0
+    } else {
+        hist.value_at_quantile(q) as f64 / 1000.0
     }
 }

@@ -141,7 +141,9 @@ impl Agent for NativeAgentService {
                     Some(agent_message::Body::Heartbeat(heartbeat)) => {
                         let metrics = pipeline.metrics();
                         metrics.agent_heartbeats.inc();
-                        let resource = heartbeat.resource.unwrap_or_default();
+                        // Before its first batch an agent's heartbeat names no one (its strings
+                        // come in batches): nothing to record about an unnamed agent.
+                        let Some(resource) = heartbeat.resource else { continue };
                         let name = |i| dictionary.get(i).unwrap_or_default().to_string();
                         let labels = AgentLabels {
                             service: name(resource.service),
