@@ -16,8 +16,8 @@ const VIEWS = {
   traces: traces.render,
   services: services.render,
 };
-/** Views that follow live data; the others change only when asked. */
-const LIVE = new Set(['transactions', 'services']);
+/** Views that follow live data (the topology in place); the others change only when asked. */
+const LIVE = new Set(['topology', 'transactions', 'services']);
 
 let rendering = 0;
 
@@ -44,7 +44,7 @@ async function route() {
 window.addEventListener('hashchange', route);
 document.getElementById('range').addEventListener('change', route);
 setInterval(() => {
-  const name = location.hash.replace(/^#\/?/, '').split(/[/?]/)[0];
+  const name = location.hash.replace(/^#\/?/, '').split(/[/?]/)[0] || 'topology';
   if (LIVE.has(name) && !document.hidden) route();
 }, 30_000);
 route();

@@ -21,13 +21,24 @@ const LARGE = 300;
 const nodeId = (name, type) => `${type}:${name}`;
 const edgeId = (e) => `${nodeId(e.caller, e.caller_type)}->${nodeId(e.callee, e.callee_type)}`;
 
+/** The graph on screen, so that a refresh with the same nodes and edges updates it in place. */
+let live = null;
+
+const signature = (topology) =>
+  `${topology.nodes.map((n) => nodeId(n.name, n.type)).join(',')}|${topology.edges.map(edgeId).join(',')}`;
+
 export async function render(view) {
   const started = performance.now();
   const window = windowParams();
-  const [topology, { transactions }] = await Promise.all([
+  let [topology, { transactions }] = await Promise.all([
     api('/api/v1/topology', window),
     api('/api/v1/transactions', window),
   ]);
+  if (live && live.graph.isConnected && live.signature === signature(topology)) {
+    // Same system: new figures and health, same layout, zoom and selection.
+    live.refresh(topology, transactions);
+    return;
+  }
   const fetched = performance.now();
   const graph = el('div', { id: 'topology-graph', 'data-testid': 'topology-graph' });
   const details = el('aside', { class: 'details', 'data-testid': 'selection' }, 'Click a node or an edge to see its figures and filter the transactions.');
@@ -68,8 +79,10 @@ export async function render(view) {
     hideEdgesOnViewport: large,
     pixelRatio: large ? 1 : 'auto',
   });
-  const byEdge = new Map(topology.edges.map((e) => [edgeId(e), e]));
+  let byEdge = new Map(topology.edges.map((e) => [edgeId(e), e]));
+  let selected = null;
   const select = (target) => {
+    selected = target;
     cy.elements().removeClass('selected');
     if (!target) {
       details.replaceChildren('Click a node or an edge to see its figures and filter the transactions.');
@@ -109,6 +122,16 @@ export async function render(view) {
     graph.dataset.rendered = 'true';
   });
   window_.sightline = { cy };
+  live = {
+    graph,
+    signature: signature(topology),
+    refresh: (next, nextTransactions) => {
+      [topology, transactions] = [next, nextTransactions];
+      byEdge = new Map(topology.edges.map((e) => [edgeId(e), e]));
+      for (const data of elements(topology).map((e) => e.data)) cy.getElementById(data.id).data(data);
+      select(selected);
+    },
+  };
 }
 
 const window_ = globalThis;
