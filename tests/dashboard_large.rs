@@ -11,32 +11,13 @@ use opentelemetry_proto::tonic::{
 use sightline_collector::Collector;
 use sightline_tests::{
     browser_test, dashboard_dir, eventually, get,
-    otlp::{kv, now_ns, request, trace_id},
+    otlp::{kv, request, span_in, trace_id},
     testing,
 };
 
 const SERVICES: usize = 200;
 const CALLEES_EACH: usize = 10;
 const BTS: [&str; 4] = ["Login", "SendMessage", "AcceptChat", "Search"];
-
-fn span(trace: &[u8], id: u64, parent: u64, kind: SpanKind, name: &str, bt: &str) -> Span {
-    let start = now_ns() - 2_000_000_000;
-    Span {
-        trace_id: trace.to_vec(),
-        span_id: id.to_be_bytes().to_vec(),
-        parent_span_id: if parent == 0 {
-            vec![]
-        } else {
-            parent.to_be_bytes().to_vec()
-        },
-        name: name.into(),
-        kind: kind as i32,
-        start_time_unix_nano: start,
-        end_time_unix_nano: start + 3_000_000,
-        attributes: vec![kv("bt", bt)],
-        ..Span::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topology_of_200_services_and_2000_edges_renders_within_a_second() {
@@ -60,9 +41,17 @@ async fn a_topology_of_200_services_and_2000_edges_renders_within_a_second() {
             let trace = trace_id();
             let bt = BTS[(caller + k) % BTS.len()];
             let (root, client, server) = (id(), id(), id());
-            by_service[caller].push(span(&trace, root, 0, SpanKind::Server, "GET /work", bt));
-            by_service[caller].push(span(&trace, client, root, SpanKind::Client, "GET", bt));
-            by_service[callee].push(span(&trace, server, client, SpanKind::Server, "GET /work", bt));
+            let bt = || vec![kv("bt", bt)];
+            by_service[caller].push(span_in(&trace, (root, 0), SpanKind::Server, "GET /work", (0, 3), bt()));
+            by_service[caller].push(span_in(&trace, (client, root), SpanKind::Client, "GET", (0, 3), bt()));
+            by_service[callee].push(span_in(
+                &trace,
+                (server, client),
+                SpanKind::Server,
+                "GET /work",
+                (0, 3),
+                bt(),
+            ));
         }
     }
     let mut client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))

@@ -6,44 +6,17 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::{
     collector::trace::v1::trace_service_client::TraceServiceClient,
-    trace::v1::{span::SpanKind, status::StatusCode, Span, Status},
+    trace::v1::{span::SpanKind, status::StatusCode, Status},
 };
 use serde_json::Value;
 use sightline_collector::Collector;
 use sightline_tests::{
     eventually, get,
-    otlp::{kv, now_ns, request, trace_id},
+    otlp::{kv, request, span_in, trace_id},
     testing,
 };
 
 const REQUESTS: u64 = 50;
-
-fn span(
-    trace: &[u8],
-    id: u64,
-    parent: u64,
-    kind: SpanKind,
-    name: &str,
-    (start_ms, ms): (u64, u64),
-    attributes: Vec<opentelemetry_proto::tonic::common::v1::KeyValue>,
-) -> Span {
-    let start = now_ns() - 5_000_000_000 + start_ms * 1_000_000;
-    Span {
-        trace_id: trace.to_vec(),
-        span_id: id.to_be_bytes().to_vec(),
-        parent_span_id: if parent == 0 {
-            vec![]
-        } else {
-            parent.to_be_bytes().to_vec()
-        },
-        name: name.into(),
-        kind: kind as i32,
-        start_time_unix_nano: start,
-        end_time_unix_nano: start + ms * 1_000_000,
-        attributes,
-        ..Span::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_have_exact_red_and_their_stage_breakdown() {
@@ -57,10 +30,9 @@ async fn transactions_have_exact_red_and_their_stage_breakdown() {
     for i in 0..REQUESTS {
         let t = trace_id();
         let bt = kv("sightline.bt", "Login");
-        let mut entry = span(
+        let mut entry = span_in(
             &t,
-            1,
-            0,
+            (1, 0),
             SpanKind::Server,
             "POST /login",
             (0, 100),
@@ -77,37 +49,33 @@ async fn transactions_have_exact_red_and_their_stage_breakdown() {
             });
         }
         auth.push(entry);
-        auth.push(span(
+        auth.push(span_in(
             &t,
-            2,
-            1,
+            (2, 1),
             SpanKind::Client,
             "SELECT",
             (5, 30),
             vec![bt.clone(), kv("db.system", "postgresql")],
         ));
-        auth.push(span(
+        auth.push(span_in(
             &t,
-            3,
-            1,
+            (3, 1),
             SpanKind::Client,
             "GET",
             (40, 20),
             vec![bt.clone(), kv("db.system", "redis")],
         ));
-        auth.push(span(
+        auth.push(span_in(
             &t,
-            4,
-            1,
+            (4, 1),
             SpanKind::Client,
             "Sessions/Create",
             (60, 40),
             vec![bt.clone(), kv("rpc.system", "grpc"), kv("peer.service", "sessions")],
         ));
-        sessions.push(span(
+        sessions.push(span_in(
             &t,
-            5,
-            4,
+            (5, 4),
             SpanKind::Server,
             "Sessions/Create",
             (62, 35),

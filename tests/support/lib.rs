@@ -138,6 +138,34 @@ pub mod otlp {
         }
     }
 
+    /// A span of any kind in a trace (`parent` 0: a root), starting `start_ms` after five
+    /// seconds ago and lasting `ms`.
+    pub fn span_in(
+        trace: &[u8],
+        (id, parent): (u64, u64),
+        kind: SpanKind,
+        name: &str,
+        (start_ms, ms): (u64, u64),
+        attributes: Vec<KeyValue>,
+    ) -> Span {
+        let start = now_ns() - 5_000_000_000 + start_ms * 1_000_000;
+        Span {
+            trace_id: trace.to_vec(),
+            span_id: id.to_be_bytes().to_vec(),
+            parent_span_id: if parent == 0 {
+                vec![]
+            } else {
+                parent.to_be_bytes().to_vec()
+            },
+            name: name.into(),
+            kind: kind as i32,
+            start_time_unix_nano: start,
+            end_time_unix_nano: start + ms * 1_000_000,
+            attributes,
+            ..Span::default()
+        }
+    }
+
     /// The `chat` service's AcceptChat and Login over `blocks` 10-second blocks from
     /// `first_block_s` (Unix seconds), `per_block` requests of each a block, each a server span
     /// with a database call; AcceptChat's call takes `accept_db_ms` (+ a few ms that vary, so

@@ -30,15 +30,16 @@ const signature = (topology) =>
 export async function render(view) {
   const started = performance.now();
   const window = windowParams();
-  let [topology, { transactions }] = await Promise.all([
-    api('/api/v1/topology', window),
-    api('/api/v1/transactions', window),
-  ]);
+  // The graph first; the BT table's data is asked for once the graph is drawn, so that the
+  // two requests do not share the first render's time.
+  let topology = await api('/api/v1/topology', window);
+  const transactionsNow = () => api('/api/v1/transactions', window).then((r) => r.transactions);
   if (live && live.graph.isConnected && live.signature === signature(topology)) {
     // Same system: new figures and health, same layout, zoom and selection.
-    live.refresh(topology, transactions);
+    live.refresh(topology, await transactionsNow());
     return;
   }
+  let transactions = null;
   const fetched = performance.now();
   const graph = el('div', { id: 'topology-graph', 'data-testid': 'topology-graph' });
   const details = el('aside', { class: 'details', 'data-testid': 'selection' }, 'Click a node or an edge to see its figures and filter the transactions.');
@@ -61,10 +62,14 @@ export async function render(view) {
         ? el('span', {}, `Only transactions through ${filter.label} `, el('button', { onclick: () => select(null) }, 'show all'))
         : 'All transactions; click a node or an edge to filter.',
     );
-    tableBox.replaceChildren(btTable(transactions, filter ?? undefined));
+    tableBox.replaceChildren(transactions ? btTable(transactions, filter ?? undefined) : notice('Loading transactions…'));
   };
   showTable(null);
-  if (!topology.nodes.length) return;
+  if (!topology.nodes.length) {
+    transactions = await transactionsNow();
+    showTable(null);
+    return;
+  }
 
   const large = topology.edges.length > LARGE;
   const cy = cytoscape({
@@ -120,6 +125,10 @@ export async function render(view) {
     const now = performance.now();
     window_.sightlineTopology = { apiMs: fetched - started, drawMs: now - fetched, totalMs: now - started };
     graph.dataset.rendered = 'true';
+    transactionsNow().then((loaded) => {
+      transactions = loaded;
+      select(selected);
+    });
   });
   window_.sightline = { cy };
   live = {

@@ -85,6 +85,7 @@ async function demo() {
   await shot('1-topology');
 
   // A real click on the cache edge filters the BT table to the transactions through it.
+  await page.waitForSelector('[data-testid=bt-table] tbody tr');
   const rowsBefore = await page.$$eval('[data-testid=bt-table] tbody tr', (rows) => rows.length);
   const point = await page.evaluate((id) => {
     const { cy } = globalThis.sightline;
@@ -155,6 +156,7 @@ async function large() {
   });
   await page.mouse.click(point.x, point.y);
   await page.waitForFunction(() => document.querySelector('[data-testid=bt-filter]')?.textContent.startsWith('Only'));
+  await page.waitForSelector('[data-testid=bt-table]');
   console.log(`figure topology_click_ms ${Date.now() - started}`);
   await shot('large-topology');
 }
