@@ -15,7 +15,7 @@ use serde_json::Value;
 use sightline_collector::Collector;
 use sightline_tests::{
     eventually, get, metric,
-    otlp::{kv, now_ns, request, trace_id},
+    otlp::{kv, now_ns, send_version, trace_id},
     testing,
 };
 
@@ -299,15 +299,8 @@ fn send_message(w: &mut Workload, i: u64) {
 async fn send(client: &mut TraceServiceClient<tonic::transport::Channel>, w: &mut Workload, services: &[&'static str]) {
     for service in services {
         let spans = w.by_service.remove(service).unwrap_or_default();
-        let mut req = request(service, spans);
         let version = if *service == "messages" { "1.5.0" } else { "1.0.0" };
-        req.resource_spans[0]
-            .resource
-            .as_mut()
-            .unwrap()
-            .attributes
-            .push(kv("service.version", version));
-        client.export(req).await.unwrap();
+        send_version(client, service, version, spans).await;
     }
 }
 

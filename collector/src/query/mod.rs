@@ -501,3 +501,12 @@ fn service_entry<'a>(services: &'a mut Vec<ServiceView>, name: &str) -> &'a mut 
     };
     &mut services[i]
 }
+
+/// A quantile of a latency histogram (µs values) in ms; 0 when it is empty.
+pub(crate) fn quantile_ms(hist: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
+    if hist.is_empty() {
+        0.0
+    } else {
+        hist.value_at_quantile(q) as f64 / 1000.0
+    }
+}

@@ -14,7 +14,7 @@ use clickhouse::{query::Query, Row};
 use serde::{Deserialize, Serialize};
 use sightline_proto::histogram;
 
-use super::{Queries, Window};
+use super::{quantile_ms, Queries, Window};
 
 /// Minutes at the end of the window whose state is judged (and where `health_since` can fall).
 pub const JUDGED_MINUTES: u32 = 15;
@@ -224,19 +224,12 @@ type Sparse = BTreeMap<u64, u64>;
 
 fn traffic(calls: u64, errors: u64, sparse: &Sparse) -> Traffic {
     let hist = histogram::from_sparse(sparse.iter().map(|(b, c)| (*b, *c)));
-    let ms = |q: f64| {
-        if hist.is_empty() {
-            0.0
-        } else {
-            hist.value_at_quantile(q) as f64 / 1000.0
-        }
-    };
     Traffic {
         calls,
         errors,
         error_rate: if calls == 0 { 0.0 } else { errors as f64 / calls as f64 },
-        p50_ms: ms(0.5),
-        p99_ms: ms(0.99),
+        p50_ms: quantile_ms(&hist, 0.5),
+        p99_ms: quantile_ms(&hist, 0.99),
     }
 }
 

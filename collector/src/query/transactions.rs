@@ -10,7 +10,7 @@ use clickhouse::{query::Query, Row};
 use serde::{Deserialize, Serialize};
 use sightline_proto::histogram;
 
-use super::{Queries, Window};
+use super::{quantile_ms, Queries, Window};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StageView {
@@ -177,14 +177,5 @@ impl Queries {
             .bind(window.to_us.div_ceil(1_000_000))
             .bind(service)
             .bind(service)
-    }
-}
-
-/// A quantile of a histogram in ms (0 when empty).
-fn quantile_ms(hist: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
-    if hist.is_empty() {
-        0.0
-    } else {
-        hist.value_at_quantile(q) as f64 / 1000.0
     }
 }
