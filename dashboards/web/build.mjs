@@ -11,6 +11,10 @@ await build({
   minify: true,
   sourcemap: true,
   format: 'esm',
+  // Views load on first use (the graph library only with the topology).
+  splitting: true,
+  entryNames: '[name]',
+  chunkNames: 'chunks/[name]-[hash]',
   target: 'es2022',
   outdir: 'dist',
   logLevel: 'warning',

@@ -502,11 +502,8 @@ fn service_entry<'a>(services: &'a mut Vec<ServiceView>, name: &str) -> &'a mut 
     &mut services[i]
 }
 
-/// A quantile of a latency histogram (µs values) in ms; 0 when it is empty.
-pub(crate) fn quantile_ms(hist: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
-    if hist.is_empty() {
-        0.0
-    } else {
-        hist.value_at_quantile(q) as f64 / 1000.0
-    }
+/// p50 and p99 in ms of a latency histogram's sparse (µs bucket, count) pairs; 0 when empty.
+pub(crate) fn p50_p99_ms(pairs: impl IntoIterator<Item = (u64, u64)>) -> (f64, f64) {
+    let [p50, p99] = sightline_proto::histogram::sparse_quantiles(pairs, [0.5, 0.99]).unwrap_or([0, 0]);
+    (p50 as f64 / 1000.0, p99 as f64 / 1000.0)
 }

@@ -8,9 +8,8 @@ use std::collections::BTreeMap;
 
 use clickhouse::{query::Query, Row};
 use serde::{Deserialize, Serialize};
-use sightline_proto::histogram;
 
-use super::{quantile_ms, Queries, Window};
+use super::{p50_p99_ms, Queries, Window};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StageView {
@@ -107,10 +106,7 @@ impl Queries {
                 minute: u64::from(r.minute) * 1000,
                 calls: r.calls,
                 errors: r.errors,
-                p99_ms: quantile_ms(
-                    &histogram::from_sparse(r.buckets.iter().copied().zip(r.counts.iter().copied())),
-                    0.99,
-                ),
+                p99_ms: p50_p99_ms(r.buckets.iter().copied().zip(r.counts.iter().copied())).1,
             };
             match totals.last_mut() {
                 Some((t, series)) if t.service == r.service && t.bt == r.bt => {
@@ -127,7 +123,7 @@ impl Queries {
         Ok(totals
             .into_iter()
             .map(|(r, series)| {
-                let hist = histogram::from_sparse(r.buckets.iter().copied().zip(r.counts.iter().copied()));
+                let (p50_ms, p99_ms) = p50_p99_ms(r.buckets.iter().copied().zip(r.counts.iter().copied()));
                 let mean_ms = r.duration_us_sum as f64 / r.calls.max(1) as f64 / 1000.0;
                 let parts = self_time.remove(&(r.service.clone(), r.bt.clone())).unwrap_or_default();
                 let total: u64 = parts.iter().map(|(_, us)| us).sum();
@@ -148,8 +144,8 @@ impl Queries {
                     error_rate: r.errors as f64 / r.calls.max(1) as f64,
                     rate_per_min: r.calls as f64 / minutes,
                     mean_ms,
-                    p50_ms: quantile_ms(&hist, 0.5),
-                    p99_ms: quantile_ms(&hist, 0.99),
+                    p50_ms,
+                    p99_ms,
                     stages,
                     series,
                     service: r.service,

@@ -17,3 +17,8 @@ export async function api(path, params = {}, init = {}) {
   }
   return body;
 }
+
+/** `api`, and when the request went out: for views that report how long their first render took. */
+export function timedApi(path, params) {
+  return { started: performance.now(), answer: api(path, params) };
+}

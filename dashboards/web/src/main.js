@@ -2,19 +2,20 @@
 // a view, and renders it again when the window changes or every 30 s.
 import 'uplot/dist/uPlot.min.css';
 import './style.css';
-import * as compare from './compare.js';
+import { timedApi, windowParams } from './api.js';
 import { el, notice } from './dom.js';
-import * as services from './services.js';
-import * as topology from './topology.js';
-import * as traces from './traces.js';
-import * as transactions from './transactions.js';
 
+/**
+ * Each view's code loads on its first visit (the topology's graph library is most of the
+ * bundle); a view's first API request goes out at the same moment rather than after the load.
+ */
 const VIEWS = {
-  topology: topology.render,
-  transactions: transactions.render,
-  compare: compare.render,
-  traces: traces.render,
-  services: services.render,
+  topology: { load: () => import('./topology.js'), data: '/api/v1/topology' },
+  transactions: { load: () => import('./transactions.js') },
+  compare: { load: () => import('./compare.js') },
+  traces: { load: () => import('./traces.js') },
+  trace: { load: () => import('./traces.js') },
+  services: { load: () => import('./services.js') },
 };
 /** Views that follow live data (the topology in place); the others change only when asked. */
 const LIVE = new Set(['topology', 'transactions', 'services']);
@@ -31,9 +32,16 @@ async function route() {
   const turn = ++rendering;
   view.setAttribute('aria-busy', 'true');
   try {
-    if (name === 'trace' && arg) await traces.renderTrace(view, arg);
-    else if (VIEWS[name]) await VIEWS[name](view);
-    else view.replaceChildren(notice(`No view called ${name}.`));
+    const spec = VIEWS[name];
+    if (!spec || (name === 'trace' && !arg)) {
+      view.replaceChildren(notice(`No view called ${name}.`));
+    } else {
+      const early = spec.data ? timedApi(spec.data, windowParams()) : undefined;
+      early?.answer.catch(() => {}); // reported by the view that awaits it
+      const module = await spec.load();
+      if (name === 'trace') await module.renderTrace(view, arg);
+      else await module.render(view, early);
+    }
   } catch (error) {
     if (turn === rendering) view.replaceChildren(el('h1', {}, 'Sightline'), notice(error.message, 'bad'));
   } finally {

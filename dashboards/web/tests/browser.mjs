@@ -33,10 +33,14 @@ const browser = await chromium.launch({
     '--disable-sync',
   ],
 });
-const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+const VIEWPORT = { width: 1400, height: 1000 };
+const page = await browser.newPage({ viewport: VIEWPORT });
 const errors = [];
-page.on('pageerror', (e) => errors.push(e.message));
-page.on('console', (m) => m.type() === 'error' && errors.push(m.text()));
+const watch = (p) => {
+  p.on('pageerror', (e) => errors.push(e.message));
+  p.on('console', (m) => m.type() === 'error' && errors.push(m.text()));
+};
+watch(page);
 const shot = (name) => page.screenshot({ path: `${artifacts}/${name}.png`, fullPage: true });
 
 try {
@@ -52,12 +56,11 @@ try {
 await browser.close();
 
 /** Waits for the topology's first render; returns the graph's nodes and edges as data. */
-async function openTopology() {
-  await page.goto(`${base}/#/topology`);
-  await page.waitForSelector('#topology-graph[data-rendered="true"]', { timeout: 15_000 });
-  return page.evaluate(() => ({
+async function openTopology(target = page) {
+  await target.goto(`${base}/#/topology`);
+  await target.waitForSelector('#topology-graph[data-rendered="true"]', { timeout: 15_000 });
+  return target.evaluate(() => ({
     timings: globalThis.sightlineTopology,
-    sinceNavigationMs: performance.now(),
     nodes: globalThis.sightline.cy.nodes().map((n) => n.id()),
     edges: globalThis.sightline.cy.edges().map((e) => ({ id: e.id(), health: e.data('health') })),
   }));
@@ -136,10 +139,28 @@ async function demo() {
 }
 
 async function large() {
-  // A first visit compiles the bundle and fills the browser's caches; the bound is checked on
-  // the visit after it, as a user who keeps the dashboard open sees it. Both are printed.
-  const cold = await openTopology();
-  console.log(`figure topology_first_visit_render_ms ${cold.timings.totalMs.toFixed(0)}`);
+  // First visits, each in a fresh browser context: empty caches and a new renderer process
+  // that compiles the bundle anew. The best of two is checked, as these machines are shared.
+  const firstVisits = [];
+  for (let attempt = 0; attempt < 2; attempt++) {
+    const context = await browser.newContext({ viewport: VIEWPORT });
+    const fresh = await context.newPage();
+    watch(fresh);
+    firstVisits.push((await openTopology(fresh)).timings);
+    await context.close();
+  }
+  for (const t of firstVisits) {
+    console.log(
+      `figure topology_first_visit_render_ms ${t.totalMs.toFixed(0)} (API ${t.apiMs.toFixed(0)}, layout and drawing ${t.drawMs.toFixed(0)}, since navigation ${t.sinceNavigationMs.toFixed(0)})`,
+    );
+  }
+  const first = firstVisits.reduce((a, b) => (b.totalMs < a.totalMs ? b : a));
+  check(
+    first.totalMs < 1000,
+    `first visit: first render ${first.totalMs.toFixed(0)} ms < 1 s (API answers ${first.apiMs.toFixed(0)} ms, layout and drawing ${first.drawMs.toFixed(0)} ms)`,
+  );
+  // A repeat visit, as a user who keeps the dashboard open sees it.
+  await openTopology();
   await page.goto('about:blank');
   const graph = await openTopology();
   check(graph.nodes.length >= 200, `the generated topology has ${graph.nodes.length} nodes`);
@@ -148,8 +169,8 @@ async function large() {
   console.log(`figure topology_api_ms ${apiMs.toFixed(0)}`);
   console.log(`figure topology_draw_ms ${drawMs.toFixed(0)}`);
   console.log(`figure topology_first_render_ms ${totalMs.toFixed(0)}`);
-  console.log(`figure topology_since_navigation_ms ${graph.sinceNavigationMs.toFixed(0)}`);
-  check(totalMs < 1000, `first render ${totalMs.toFixed(0)} ms < 1 s (API answers ${apiMs.toFixed(0)} ms, layout and drawing ${drawMs.toFixed(0)} ms)`);
+  console.log(`figure topology_since_navigation_ms ${graph.timings.sinceNavigationMs.toFixed(0)}`);
+  check(totalMs < 1000, `repeat visit: first render ${totalMs.toFixed(0)} ms < 1 s (API answers ${apiMs.toFixed(0)} ms, layout and drawing ${drawMs.toFixed(0)} ms)`);
   // Still responsive: a click selects and filters at once.
   const started = Date.now();
   const point = await page.evaluate(() => {
