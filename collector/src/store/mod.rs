@@ -5,6 +5,7 @@ pub mod launcher;
 pub mod retention;
 pub mod rows;
 pub mod schema;
+pub mod spool;
 pub mod writer;
 
 use clickhouse::{Client, Compression};
