@@ -422,10 +422,11 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or("0")
         .to_string();
 
-    // --- Floor: the same rows as RowBinary, straight into a fresh copy of the schema.
+    // --- Floor: the same rows as RowBinary, straight into a fresh copy of the schema (batch ids
+    // zero: the floor has no spool).
     let columns = "trace_id, span_id, parent_span_id, service, service_version, instance, operation, toInt8(kind), \
                    component, peer, bt, start_us, duration_us, toInt8(status), error_type, error_message, \
-                   attributes.key, attributes.value";
+                   attributes.key, attributes.value, toUInt64(0), toUInt64(0)";
     // Two floors over the same rows: in arrival (random) order, as spans reach a collector, and
     // already in the table's key order, which ClickHouse sorts far faster on INSERT.
     let random_floor = floor(&admin, &ingest, "floor", columns, "cityHash64(span_id)", args.spans).await?;

@@ -12,15 +12,41 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Folder for the private ClickHouse server's data (and, later, the spool).
+    /// Folder for the private ClickHouse server's data and the spool.
     pub data_dir: PathBuf,
     pub clickhouse: ClickHouseConfig,
     pub receivers: ReceiversConfig,
     pub api: ApiConfig,
     pub limits: Limits,
     pub writer: WriterConfig,
+    pub spool: SpoolConfig,
     pub agents: AgentsConfig,
     pub edges: EdgesConfig,
+}
+
+/// The on-disk hand-off between receivers and the writer (store/spool.rs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Empty: `data_dir/spool`.
+    pub dir: PathBuf,
+    /// Past it new batches are refused (RESOURCE_EXHAUSTED / HTTP 429) until the writer
+    /// catches up.
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+    /// Encoded batches waiting for the disk, in memory; past it senders are told to retry.
+    pub max_pending_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+            max_pending_bytes: 256 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,6 +161,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             limits: Limits::default(),
             writer: WriterConfig::default(),
+            spool: SpoolConfig::default(),
             agents: AgentsConfig::default(),
             edges: EdgesConfig::default(),
         }
@@ -205,6 +232,15 @@ impl WriterConfig {
 }
 
 impl Config {
+    /// Where the spool lives.
+    pub fn spool_dir(&self) -> PathBuf {
+        if self.spool.dir.as_os_str().is_empty() {
+            self.data_dir.join("spool")
+        } else {
+            self.spool.dir.clone()
+        }
+    }
+
     /// Defaults, then the TOML file (if given), then `SIGHTLINE_*` variables.
     pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));

@@ -65,6 +65,18 @@ pub struct Metrics {
     pub edge_pairing_waiting: Gauge,
     /// paired / (paired + expired) since start.
     pub edge_completeness: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Bytes of batches in the spool (durable, not yet all written to ClickHouse).
+    pub spool_bytes: Gauge,
+    /// Encoded batches waiting for the spool's disk, in bytes.
+    pub spool_pending_bytes: Gauge,
+    /// Batches made durable in the spool.
+    pub spool_batches: Counter,
+    /// Batches the spool refused (full, or a write error): not acknowledged.
+    pub spool_refused_batches: Counter,
+    /// Spool records that failed their checksum or could not be decoded.
+    pub spool_corrupt_records: Counter,
+    /// Batches replayed from the spool whose rows the write ledger showed already written.
+    pub replay_skipped: Family<TableLabel, Counter>,
 }
 
 impl Metrics {
@@ -89,6 +101,12 @@ impl Metrics {
             edge_pairs_expired: Counter::default(),
             edge_pairing_waiting: Gauge::default(),
             edge_completeness: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            spool_pending_bytes: Gauge::default(),
+            spool_batches: Counter::default(),
+            spool_refused_batches: Counter::default(),
+            spool_corrupt_records: Counter::default(),
+            replay_skipped: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -170,6 +188,36 @@ impl Metrics {
             "agent_queue_depth",
             "An agent's hand-off queue depth, by service and instance",
             metrics.agent_queue_depth.clone(),
+        );
+        registry.register(
+            "spool_bytes",
+            "Bytes of batches in the spool, not yet all in ClickHouse",
+            metrics.spool_bytes.clone(),
+        );
+        registry.register(
+            "spool_pending_bytes",
+            "Bytes of batches waiting for the spool's disk",
+            metrics.spool_pending_bytes.clone(),
+        );
+        registry.register(
+            "spool_batches",
+            "Batches made durable in the spool",
+            metrics.spool_batches.clone(),
+        );
+        registry.register(
+            "spool_refused_batches",
+            "Batches the spool refused (full or a write error), not acknowledged",
+            metrics.spool_refused_batches.clone(),
+        );
+        registry.register(
+            "spool_corrupt_records",
+            "Spool records failing their checksum or undecodable",
+            metrics.spool_corrupt_records.clone(),
+        );
+        registry.register(
+            "replay_skipped",
+            "Replayed batch parts already in ClickHouse by the write ledger, by table",
+            metrics.replay_skipped.clone(),
         );
         Self { registry, ..metrics }
     }

@@ -1,7 +1,9 @@
 //! The span model every receiver maps into and the store writes out (DESIGN.md, data model).
 
+use serde::{Deserialize, Serialize};
+
 /// One timed operation of one service.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Span {
     pub trace_id: [u8; 16],
     /// Never zero.
@@ -29,7 +31,7 @@ pub struct Span {
 }
 
 /// Same numbering as OTLP and sightline.v1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[repr(u8)]
 pub enum SpanKind {
     #[default]
@@ -42,7 +44,7 @@ pub enum SpanKind {
 }
 
 /// Same numbering as OTLP and sightline.v1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[repr(u8)]
 pub enum SpanStatus {
     #[default]

@@ -1,6 +1,7 @@
 //! Wires the collector together: store (private ClickHouse or a configured URL), migrations,
-//! writer, pipeline, receivers and API; and takes it apart in the reverse order, so that
-//! everything received is written before the process ends.
+//! spool, writer, pipeline, receivers and API; and takes it apart in the reverse order, so
+//! that everything received is written (or, with ClickHouse away, kept in the spool) before
+//! the process ends.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -17,7 +18,7 @@ use crate::{
     pipeline::Pipeline,
     query::Queries,
     receivers::{native::NativeAgentService, otlp_grpc::OtlpTraceService, otlp_http},
-    store::{self, launcher::ClickHouseServer, retention, schema, writer},
+    store::{self, appender, launcher::ClickHouseServer, retention, schema, writer},
 };
 
 /// A running collector. Dropping it without [`Collector::shutdown`] stops the servers abruptly.
@@ -66,8 +67,10 @@ impl Collector {
         }
 
         let metrics = Arc::new(Metrics::new());
-        let (writer_handle, writer_tasks) = writer::start(client.clone(), &config.writer, metrics.clone());
-        let pipeline = Pipeline::new(config.limits.clone(), &config.edges, metrics.clone(), writer_handle);
+        let spool_dir = config.spool_dir();
+        let (spool, feed) = appender::start(&spool_dir, &config.spool, config.writer.queue_batches, metrics.clone())?;
+        let writer_tasks = writer::start(client.clone(), &config.writer, &spool_dir, feed, metrics.clone());
+        let pipeline = Pipeline::new(config.limits.clone(), &config.edges, metrics.clone(), spool);
         let sweeping = pipeline.clone();
         background.spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -173,7 +176,8 @@ impl Collector {
             warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
             self.servers.shutdown().await;
         }
-        // The servers held the last pipeline handles; with them gone the writer drains.
+        // The servers held the last pipeline handles; with them gone the spool's appender
+        // stops and the writer drains what is durable.
         while self.writer.join_next().await.is_some() {}
         if let Some(mut server) = self.clickhouse.take() {
             tokio::task::spawn_blocking(move || server.stop()).await?;

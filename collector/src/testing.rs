@@ -34,12 +34,15 @@ pub fn fresh_database(prefix: &str) -> String {
     format!("t_{clean}_{}", DATABASES.fetch_add(1, Ordering::Relaxed))
 }
 
-/// A collector config for tests: the shared server, a fresh database, ports chosen by the OS,
-/// and short flush intervals.
+/// A collector config for tests: the shared server, a fresh database, its own spool folder
+/// (removed with the test process's folder), ports chosen by the OS, and short flush
+/// intervals.
 pub fn config(test_name: &str) -> Config {
     let mut config = Config::default();
-    config.clickhouse.url = clickhouse().url();
+    let server = clickhouse();
+    config.clickhouse.url = server.url();
     config.clickhouse.database = fresh_database(test_name);
+    config.data_dir = server.data_dir().join("collectors").join(&config.clickhouse.database);
     config.receivers.grpc_listen = ([127, 0, 0, 1], 0).into();
     config.receivers.http_listen = ([127, 0, 0, 1], 0).into();
     config.api.listen = ([127, 0, 0, 1], 0).into();

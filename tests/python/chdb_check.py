@@ -1,9 +1,11 @@
 """Runs Sightline's modern-server DDL and read queries on chdb (in-process current ClickHouse).
 
 Input: a JSON file {"ddl": [...], "database": "...", "queries": {name: {"sql": ..., "rows": N}}}.
-Inserts two spans of one trace through spans_input (so the materialized views run), a latency
-row and an edge row twice each (so SummingMergeTree has something to sum), then runs each query and checks its row
-count. Exits non-zero with the failing statement on any error.
+Inserts as the collector does, through the Null `*_input` tables with batch ids (so the
+materialized views run): two spans of one trace, a latency row and an edge row twice each (so
+SummingMergeTree has something to sum), a stage row; checks the write ledger recorded each
+INSERT's batches, then runs each query and checks its row count. Exits non-zero with the failing
+statement on any error.
 """
 
 import json
@@ -31,31 +33,39 @@ run(f"USE {spec['database']}")
 trace = "0af7651916cd43dd8448eb211c80319c"
 run(f"""INSERT INTO spans_input VALUES
   (unhex('{trace}'), 1, 0, 'auth', '1.4.2', 'auth-1', 'POST /login', 2, 'http', '', 'Login',
-   1700000000000000, 120000, 1, '', '', ['http.route'], ['/login']),
+   1700000000000000, 120000, 1, '', '', ['http.route'], ['/login'], 7, 7),
   (unhex('{trace}'), 2, 1, 'auth', '1.4.2', 'auth-1', 'SELECT users', 3, 'db', 'postgresql:users', 'Login',
-   1700000000010000, 90000, 2, 'Timeout', 'lock wait', ['db.system'], ['postgresql'])""")
-for _ in range(2):
-    run("""INSERT INTO latency_1m (minute, service, service_version, bt, operation, kind, status,
-             calls, errors, duration_us_sum, `histMap.bucket`, `histMap.count`)
-           VALUES (toDateTime(1700000000), 'auth', '1.4.2', 'Login', 'POST /login', 'server', 'ok',
-                   2, 0, 240000, [119807, 120831], [1, 1])""")
+   1700000000010000, 90000, 2, 'Timeout', 'lock wait', ['db.system'], ['postgresql'], 7, 7)""")
+for batch in (8, 9):
+    run(f"""INSERT INTO latency_1m_input (minute, service, service_version, bt, operation, kind, status,
+             calls, errors, duration_us_sum, `histMap.bucket`, `histMap.count`, batch_lo, batch_hi)
+           VALUES (toDateTime(1700000000), 'auth', '1.4.2', 'Login', 'POST /login', 2, 1,
+                   2, 0, 240000, [119807, 120831], [1, 1], {batch}, {batch})""")
 run("OPTIMIZE TABLE latency_1m FINAL")
 merged = json.loads(str(run("SELECT sum(calls) AS calls, sumMap(`histMap.bucket`, `histMap.count`) AS hist FROM latency_1m")).strip())
 if int(merged["calls"]) != 4 or [int(c) for c in merged["hist"][1]] != [2, 2]:
     sys.exit(f"FAILED: latency_1m did not sum: {merged}")
 
-for _ in range(2):
-    run("""INSERT INTO edges_1m (minute, caller, caller_type, callee, callee_type, bt, caller_version,
-             callee_version, calls, errors, duration_us_sum, `histMap.bucket`, `histMap.count`)
-           VALUES (toDateTime(1700000000), 'web', 'service', 'auth', 'service', 'Login', '2.0', '1.4.2',
-                   3, 1, 360000, [119807], [3])""")
+for batch in (8, 9):
+    run(f"""INSERT INTO edges_1m_input (minute, caller, caller_type, callee, callee_type, bt, caller_version,
+             callee_version, calls, errors, duration_us_sum, `histMap.bucket`, `histMap.count`, batch_lo, batch_hi)
+           VALUES (toDateTime(1700000000), 'web', 2, 'auth', 2, 'Login', '2.0', '1.4.2',
+                   3, 1, 360000, [119807], [3], {batch}, {batch})""")
 run("OPTIMIZE TABLE edges_1m FINAL")
 merged = json.loads(str(run("SELECT sum(calls) AS calls, count() AS rows FROM edges_1m")).strip())
 if int(merged["calls"]) != 6 or int(merged["rows"]) != 1:
     sys.exit(f"FAILED: edges_1m did not sum: {merged}")
 
-run("""INSERT INTO stages_1m (minute, service, service_version, bt, stage, spans, self_us_sum)
-       VALUES (toDateTime(1700000000), 'auth', '1.4.2', 'Login', 'db', 2, 180000)""")
+run("""INSERT INTO stages_1m_input (minute, service, service_version, bt, stage, spans, self_us_sum, batch_lo, batch_hi)
+       VALUES (toDateTime(1700000000), 'auth', '1.4.2', 'Login', 'db', 2, 180000, 7, 9)""")
+
+ledger = [json.loads(line) for line in str(run(
+    "SELECT target, batch_lo, batch_hi, rows FROM write_ledger ORDER BY target, batch_lo")).strip().splitlines()]
+got = [(r["target"], int(r["batch_lo"]), int(r["batch_hi"]), int(r["rows"])) for r in ledger]
+expected = [("edges_1m", 8, 8, 1), ("edges_1m", 9, 9, 1), ("latency_1m", 8, 8, 1), ("latency_1m", 9, 9, 1),
+            ("spans", 7, 7, 2), ("stages_1m", 7, 9, 1)]
+if got != expected:
+    sys.exit(f"FAILED: write ledger {got}, expected {expected}")
 
 failures = []
 for name, query in spec["queries"].items():

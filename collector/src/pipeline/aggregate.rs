@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 
 use sightline_proto::histogram;
 
@@ -15,7 +16,7 @@ use crate::model::{Span, SpanKind, SpanStatus};
 /// The finest window: short load tests compare in blocks this long.
 pub const WINDOW_SECS: u32 = 10;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LatencyKey {
     /// Unix seconds at the start of its window: [`WINDOW_SECS`], or a minute once rolled up.
     pub window: u32,
@@ -27,7 +28,7 @@ pub struct LatencyKey {
     pub status: SpanStatus,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LatencyValue {
     pub calls: u64,
     pub errors: u64,
@@ -68,7 +69,7 @@ impl LatencyValue {
 /// A [`LatencyKey`] borrowing its strings from the spans being counted.
 type BorrowedKey<'a> = (u32, &'a str, &'a str, &'a str, &'a str, SpanKind, SpanStatus);
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct LatencyAggregates {
     entries: FxHashMap<LatencyKey, LatencyValue>,
 }

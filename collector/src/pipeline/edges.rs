@@ -22,6 +22,7 @@ use std::{
 };
 
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 
 use super::aggregate::LatencyValue;
 use crate::{
@@ -30,7 +31,7 @@ use crate::{
 };
 
 /// What a topology node stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[repr(u8)]
 pub enum NodeType {
     User = 1,
@@ -80,7 +81,7 @@ impl NodeType {
 /// The name of the node every root request comes from.
 pub const USER: &str = "user";
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EdgeKey {
     /// Unix seconds at the start of the minute.
     pub minute: u32,
@@ -94,7 +95,7 @@ pub struct EdgeKey {
 }
 
 /// Per-minute edge partials, merged in the writer and again by ClickHouse.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct EdgeAggregates {
     entries: FxHashMap<EdgeKey, LatencyValue>,
 }

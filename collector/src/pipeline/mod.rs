@@ -1,9 +1,10 @@
 //! The pipeline between receivers and the store: validate and map (`otlp`), name business
-//! transactions (`enrich`), pre-aggregate latency (`aggregate`), then hand the batch to the
-//! store writer's bounded queue.
+//! transactions (`enrich`), pre-aggregate latency (`aggregate`), then encode the batch into
+//! the spool (`store::appender`).
 //!
-//! These steps run in the receiving request's task, so decoding and mapping spread over all
-//! cores; the queue is the one hand-off, and a full queue is answered with "retry later".
+//! These steps run in the receiving request's task, so decoding, mapping and encoding spread
+//! over all cores; the spool's queue is the one hand-off. A request is answered once its batch
+//! is durable ([`Taken::durable`]); a full queue or spool is answered with "retry later".
 
 pub mod aggregate;
 pub mod edges;
@@ -24,8 +25,10 @@ use crate::{
     config::Limits,
     metrics::{Metrics, ReasonLabel, ReceiverLabel},
     store::{
+        appender::{AppendError, Receipt, SpoolHandle},
         rows::{HeartbeatRow, InflightRow},
-        writer::{WriteBatch, WriterHandle},
+        spool::SpoolError,
+        writer::WriteBatch,
     },
 };
 use aggregate::LatencyAggregates;
@@ -38,12 +41,12 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub struct Pipeline {
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
-    writer: WriterHandle,
+    spool: SpoolHandle,
     pairing: Arc<Pairing>,
 }
 
 /// A request the pipeline took, possibly in part.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     pub accepted: u64,
     pub rejected: u64,
@@ -56,18 +59,43 @@ pub enum IngestError {
     /// Nothing in the request is acceptable; sending it again will not help.
     #[error("{0}")]
     Invalid(String),
-    /// The write queue is full; the sender should retry after the delay.
+    /// Too much waits for the spool's disk; the sender should retry after the delay.
     #[error("the collector is busy (write queue full), retry in {} s", .0.as_secs())]
     Busy(Duration),
+    /// The spool is full (ClickHouse behind or away) or cannot write: nothing was kept.
+    #[error("{message}; retry in {} s", .retry.as_secs())]
+    Exhausted { message: String, retry: Duration },
+}
+
+impl From<SpoolError> for IngestError {
+    fn from(e: SpoolError) -> Self {
+        Self::Exhausted {
+            message: e.to_string(),
+            retry: RETRY_AFTER,
+        }
+    }
+}
+
+/// A request taken into the pipeline, its batch on its way to the disk.
+#[must_use = "a request is answered once its batch is durable"]
+pub struct Taken {
+    pub accepted: Accepted,
+    /// None when there was nothing to keep.
+    receipt: Option<Receipt>,
+}
+
+impl Taken {
+    /// Waits until the batch is durable in the spool: only then may the sender be told so.
+    pub async fn durable(self) -> Result<Accepted, IngestError> {
+        if let Some(receipt) = self.receipt {
+            receipt.durable().await?;
+        }
+        Ok(self.accepted)
+    }
 }
 
 impl Pipeline {
-    pub fn new(
-        limits: Limits,
-        edges: &crate::config::EdgesConfig,
-        metrics: Arc<Metrics>,
-        writer: WriterHandle,
-    ) -> Self {
+    pub fn new(limits: Limits, edges: &crate::config::EdgesConfig, metrics: Arc<Metrics>, spool: SpoolHandle) -> Self {
         let pairing = Pairing::new(
             Duration::from_millis(edges.pairing_window_ms),
             edges.max_waiting,
@@ -76,20 +104,21 @@ impl Pipeline {
         Self {
             limits: Arc::new(limits),
             metrics,
-            writer,
+            spool,
             pairing: Arc::new(pairing),
         }
     }
 
     /// Ends the wait of spans whose other half did not come in time (every second, from
-    /// `serve`); their edges go to the writer. A full queue loses them (counted as dropped).
+    /// `serve`); their edges go to the spool. A full spool loses them.
     pub fn sweep_edges(&self) {
         let edges = self.pairing.sweep();
         if !edges.is_empty() {
-            let _ = self.writer.try_submit(WriteBatch {
+            let batch = WriteBatch {
                 edges,
                 ..WriteBatch::default()
-            });
+            };
+            let _ = self.spool.try_append(batch.encode());
         }
     }
 
@@ -106,7 +135,7 @@ impl Pipeline {
         &self,
         receiver: &'static str,
         request: ExportTraceServiceRequest,
-    ) -> Result<Accepted, IngestError> {
+    ) -> Result<Taken, IngestError> {
         let count = otlp::span_count(&request);
         if count > self.limits.max_spans_per_request {
             self.metrics.reject_request(receiver, "too_many_spans");
@@ -132,7 +161,7 @@ impl Pipeline {
         receiver: &'static str,
         batch: sightline_proto::v1::Batch,
         dictionary: &mut native::Dictionary,
-    ) -> Result<Accepted, NativeError> {
+    ) -> Result<Taken, NativeError> {
         let native::NativeBatch {
             mut conversion,
             latency,
@@ -144,17 +173,18 @@ impl Pipeline {
         Ok(self.accept(receiver, &mut conversion, latency, inflight, false)?)
     }
 
-    /// An agent's heartbeat, stored with the rest (batched by the writer). A full queue loses
+    /// An agent's heartbeat, stored with the rest (batched by the writer). A full spool loses
     /// it: the next one comes in seconds.
     pub fn ingest_heartbeat(&self, heartbeat: HeartbeatRow) {
-        let _ = self.writer.try_submit(WriteBatch {
+        let batch = WriteBatch {
             heartbeats: vec![heartbeat],
             ..WriteBatch::default()
-        });
+        };
+        let _ = self.spool.try_append(batch.encode());
     }
 
     /// Counts rejections, names BTs, aggregates (unless the sender already did) and hands the
-    /// spans and aggregates to the writer.
+    /// spans and aggregates to the spool.
     fn accept(
         &self,
         receiver: &'static str,
@@ -162,7 +192,7 @@ impl Pipeline {
         mut latency: LatencyAggregates,
         inflight: Vec<InflightRow>,
         aggregate_spans: bool,
-    ) -> Result<Accepted, IngestError> {
+    ) -> Result<Taken, IngestError> {
         self.metrics.truncated_values.inc_by(conversion.truncated);
         for (reason, n) in &conversion.rejected {
             self.metrics
@@ -179,10 +209,13 @@ impl Pipeline {
                     "all {rejected} spans rejected; first: {message}"
                 )))
             } else {
-                Ok(Accepted {
-                    accepted: 0,
-                    rejected: 0,
-                    message,
+                Ok(Taken {
+                    accepted: Accepted {
+                        accepted: 0,
+                        rejected: 0,
+                        message,
+                    },
+                    receipt: None,
                 })
             };
         }
@@ -194,29 +227,36 @@ impl Pipeline {
         let edges = self.pairing.edges(&spans);
         let stages = stages::StageAggregates::from_spans(&spans);
         let accepted = spans.len() as u64;
-        if self
-            .writer
-            .try_submit(WriteBatch {
-                spans,
-                latency,
-                edges,
-                stages,
-                inflight,
-                ..WriteBatch::default()
-            })
-            .is_err()
-        {
-            self.metrics.reject_request(receiver, "queue_full");
-            return Err(IngestError::Busy(RETRY_AFTER));
-        }
+        let batch = WriteBatch {
+            spans,
+            latency,
+            edges,
+            stages,
+            inflight,
+            ..WriteBatch::default()
+        };
+        let receipt = match self.spool.try_append(batch.encode()) {
+            Ok(receipt) => receipt,
+            Err(AppendError::QueueFull) => {
+                self.metrics.reject_request(receiver, "queue_full");
+                return Err(IngestError::Busy(RETRY_AFTER));
+            }
+            Err(AppendError::Spool(e)) => {
+                self.metrics.reject_request(receiver, "spool_full");
+                return Err(e.into());
+            }
+        };
         self.metrics
             .received_spans
             .get_or_create(&ReceiverLabel { receiver })
             .inc_by(accepted);
-        Ok(Accepted {
-            accepted,
-            rejected,
-            message,
+        Ok(Taken {
+            accepted: Accepted {
+                accepted,
+                rejected,
+                message,
+            },
+            receipt: Some(receipt),
         })
     }
 }

@@ -9,10 +9,11 @@
 //! latency they divide comes from exact RED.
 
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::model::{Span, SpanKind};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct StageKey {
     pub minute: u32,
     pub service: String,
@@ -21,16 +22,46 @@ pub struct StageKey {
     pub stage: &'static str,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A [`StageKey`] as read back from the spool, its stage one of [`STAGES`] once checked.
+#[derive(Deserialize)]
+struct StoredStageKey {
+    minute: u32,
+    service: String,
+    service_version: String,
+    bt: String,
+    stage: String,
+}
+
+impl<'de> Deserialize<'de> for StageKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let key = StoredStageKey::deserialize(deserializer)?;
+        let stage = STAGES
+            .into_iter()
+            .find(|s| *s == key.stage)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown stage {:?}", key.stage)))?;
+        Ok(Self {
+            minute: key.minute,
+            service: key.service,
+            service_version: key.service_version,
+            bt: key.bt,
+            stage,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageValue {
     pub spans: u64,
     pub self_us_sum: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StageAggregates {
     entries: FxHashMap<StageKey, StageValue>,
 }
+
+/// Every stage [`stage_of`] names.
+pub const STAGES: [&str; 5] = ["db", "cache", "mq", "downstream", "own"];
 
 /// The stage a span's self-time belongs to.
 pub fn stage_of(span: &Span) -> &'static str {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::pipeline::Accepted;
+use crate::pipeline::{Accepted, IngestError};
 
 /// gRPC status for "busy, retry after `delay`", with a google.rpc.RetryInfo the OTLP
 /// exporters understand.
@@ -20,6 +20,19 @@ pub fn unavailable_with_retry(message: String, delay: Duration) -> tonic::Status
         message,
         ErrorDetails::with_retry_info(Some(delay)),
     )
+}
+
+/// The gRPC status for a request the pipeline could not take.
+pub fn ingest_status(error: IngestError) -> tonic::Status {
+    match error {
+        IngestError::Invalid(message) => tonic::Status::invalid_argument(message),
+        e @ IngestError::Busy(delay) => unavailable_with_retry(e.to_string(), delay),
+        IngestError::Exhausted { message, retry } => tonic::Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            message,
+            ErrorDetails::with_retry_info(Some(retry)),
+        ),
+    }
 }
 
 /// The OTLP answer to an accepted request: partial success when some spans were rejected.

@@ -1,10 +1,11 @@
 //! The native agent receiver: `sightline.v1.Agent/Stream` on the gRPC port.
 //!
-//! One bidirectional stream per agent process. Batches are acknowledged once the pipeline has
-//! taken them; a batch that is invalid as a whole is acknowledged too (sending it again would
-//! not help, and it must not block the batches behind it). When the collector is busy the agent
-//! is told to back off and the stream ends; the agent reconnects and sends again what was not
-//! acknowledged. A batch that breaks the stream's dictionary ends the stream with
+//! One bidirectional stream per agent process. Batches are acknowledged once durable in the
+//! spool (a per-stream task waits for each in turn, so reading the stream never waits on the
+//! disk); a batch that is invalid as a whole is acknowledged too (sending it again would not
+//! help, and it must not block the batches behind it). When the collector is busy or its spool
+//! is full the agent is told to back off and the stream ends; the agent reconnects and sends
+//! again what was not acknowledged. A batch that breaks the stream's dictionary ends the stream with
 //! INVALID_ARGUMENT. The collector's sampling ratio for the agent's service goes back on the
 //! stream once the service is known (its first batch) and whenever the policy changes.
 
@@ -22,7 +23,7 @@ use tracing::debug;
 
 use crate::{
     metrics::AgentLabels,
-    pipeline::{native::Dictionary, IngestError, NativeError, Pipeline},
+    pipeline::{native::Dictionary, IngestError, NativeError, Pipeline, Taken},
     sampling::SamplingPolicy,
     store::rows::HeartbeatRow,
 };
@@ -63,6 +64,8 @@ impl Agent for NativeAgentService {
     async fn stream(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<CollectorMessage, Status>>(64);
+        let (acks, to_ack) = mpsc::channel::<(u64, Taken)>(256);
+        tokio::spawn(acknowledge(to_ack, tx.clone()));
         let pipeline = self.pipeline.clone();
         let mut stopping = self.stopping.clone();
         let mut sampling = self.sampling.clone();
@@ -112,24 +115,19 @@ impl Agent for NativeAgentService {
                             }
                         }
                         match result {
-                            Ok(_) | Err(NativeError::Ingest(IngestError::Invalid(_))) => {
+                            Ok(taken) => {
+                                if acks.send((batch_id, taken)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(NativeError::Ingest(IngestError::Invalid(_))) => {
                                 let ack = collector_message::Body::Ack(Ack { batch_id });
                                 if tx.send(reply(ack)).await.is_err() {
                                     return;
                                 }
                             }
-                            Err(NativeError::Ingest(IngestError::Busy(delay))) => {
-                                let backpressure = collector_message::Body::Backpressure(Backpressure {
-                                    retry_after_millis: delay.as_millis() as u64,
-                                    reason: "write queue full".into(),
-                                });
-                                let _ = tx.send(reply(backpressure)).await;
-                                let _ = tx
-                                    .send(Err(crate::receivers::unavailable_with_retry(
-                                        "collector busy".into(),
-                                        delay,
-                                    )))
-                                    .await;
+                            Err(NativeError::Ingest(refused)) => {
+                                back_off(&tx, refused).await;
                                 return;
                             }
                             Err(NativeError::BrokenStream(message)) => {
@@ -173,6 +171,45 @@ impl Agent for NativeAgentService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Acknowledges each batch of a stream once it is durable, in the order received. A batch the
+/// spool refused ends the stream with a back-off: the agent sends it again later.
+async fn acknowledge(mut to_ack: mpsc::Receiver<(u64, Taken)>, tx: mpsc::Sender<Result<CollectorMessage, Status>>) {
+    while let Some((batch_id, taken)) = to_ack.recv().await {
+        match taken.durable().await {
+            Ok(_) => {
+                let ack = collector_message::Body::Ack(Ack { batch_id });
+                if tx.send(Ok(CollectorMessage { body: Some(ack) })).await.is_err() {
+                    return;
+                }
+            }
+            Err(refused) => {
+                back_off(&tx, refused).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Tells the agent to back off (it honours the delay before it reconnects), then ends the
+/// stream with the matching status.
+async fn back_off(tx: &mpsc::Sender<Result<CollectorMessage, Status>>, refused: IngestError) {
+    let (retry_after, reason) = match &refused {
+        IngestError::Busy(delay) => (*delay, "write queue full".to_string()),
+        IngestError::Exhausted { retry, message } => (*retry, message.clone()),
+        IngestError::Invalid(message) => (std::time::Duration::ZERO, message.clone()),
+    };
+    let backpressure = collector_message::Body::Backpressure(Backpressure {
+        retry_after_millis: retry_after.as_millis() as u64,
+        reason,
+    });
+    let _ = tx
+        .send(Ok(CollectorMessage {
+            body: Some(backpressure),
+        }))
+        .await;
+    let _ = tx.send(Err(crate::receivers::ingest_status(refused))).await;
 }
 
 /// What a stream waits for.

@@ -25,7 +25,7 @@ use tonic::{
     Code, Status,
 };
 
-use crate::pipeline::{IngestError, Pipeline};
+use crate::pipeline::Pipeline;
 
 const RECEIVER: &str = "otlp_grpc";
 pub const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -126,14 +126,11 @@ impl UnaryService<Bytes> for ExportHandler {
                 pipeline.metrics().reject_request(RECEIVER, "malformed");
                 Status::invalid_argument(format!("cannot decode ExportTraceServiceRequest: {e}"))
             })?;
-            match pipeline.ingest_otlp(RECEIVER, request) {
-                Ok(accepted) => {
-                    let response = super::export_response(accepted);
-                    Ok(tonic::Response::new(response.encode_to_vec().into()))
-                }
-                Err(IngestError::Invalid(message)) => Err(Status::invalid_argument(message)),
-                Err(e @ IngestError::Busy(delay)) => Err(super::unavailable_with_retry(e.to_string(), delay)),
-            }
+            // Answered once the batch is durable in the spool.
+            let taken = pipeline.ingest_otlp(RECEIVER, request).map_err(super::ingest_status)?;
+            let accepted = taken.durable().await.map_err(super::ingest_status)?;
+            let response = super::export_response(accepted);
+            Ok(tonic::Response::new(response.encode_to_vec().into()))
         })
     }
 }

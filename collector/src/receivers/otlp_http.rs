@@ -87,7 +87,12 @@ async fn export(State(pipeline): State<Pipeline>, headers: HeaderMap, body: Body
             );
         }
     };
-    match pipeline.ingest_otlp(RECEIVER, request) {
+    // Answered once the batch is durable in the spool.
+    let result = match pipeline.ingest_otlp(RECEIVER, request) {
+        Ok(taken) => taken.durable().await,
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(accepted) => {
             let response = super::export_response(accepted);
             match encoding {
@@ -97,13 +102,20 @@ async fn export(State(pipeline): State<Pipeline>, headers: HeaderMap, body: Body
         }
         Err(IngestError::Invalid(message)) => status_response(encoding, StatusCode::BAD_REQUEST, message),
         Err(e @ IngestError::Busy(delay)) => {
-            let mut response = status_response(encoding, StatusCode::SERVICE_UNAVAILABLE, e.to_string());
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(delay.as_secs().max(1)));
-            response
+            retry_later(encoding, StatusCode::SERVICE_UNAVAILABLE, e.to_string(), delay)
+        }
+        Err(IngestError::Exhausted { message, retry }) => {
+            retry_later(encoding, StatusCode::TOO_MANY_REQUESTS, message, retry)
         }
     }
+}
+
+fn retry_later(encoding: Encoding, status: StatusCode, message: String, delay: std::time::Duration) -> Response {
+    let mut response = status_response(encoding, status, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(delay.as_secs().max(1)));
+    response
 }
 
 fn protobuf(status: StatusCode, body: Vec<u8>) -> Response {
@@ -113,10 +125,10 @@ fn protobuf(status: StatusCode, body: Vec<u8>) -> Response {
 /// A google.rpc.Status in the request's encoding; the JSON form also carries `error`, the
 /// collector's usual error field.
 fn status_response(encoding: Encoding, status: StatusCode, message: String) -> Response {
-    let code = if status == StatusCode::SERVICE_UNAVAILABLE {
-        tonic::Code::Unavailable
-    } else {
-        tonic::Code::InvalidArgument
+    let code = match status {
+        StatusCode::SERVICE_UNAVAILABLE => tonic::Code::Unavailable,
+        StatusCode::TOO_MANY_REQUESTS => tonic::Code::ResourceExhausted,
+        _ => tonic::Code::InvalidArgument,
     } as i32;
     match encoding {
         Encoding::Protobuf => protobuf(

@@ -1,6 +1,8 @@
-//! ClickHouse: the private server launcher, the schema, and the writer that owns rows on their
-//! way in. Reads go through `crate::query`.
+//! ClickHouse and the way in: the private server launcher, the schema, the spool (files and
+//! the appender thread that owns them) and the writer that takes batches from the spool into
+//! ClickHouse. Reads go through `crate::query`.
 
+pub mod appender;
 pub mod launcher;
 pub mod retention;
 pub mod rows;

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::schema::FINE_RETENTION_DAYS;
 
 /// Tables partitioned by day (`partition_id` = YYYYMMDD).
-const DAY_PARTITIONED: [&str; 8] = [
+const DAY_PARTITIONED: [&str; 9] = [
     "spans",
     "trace_index",
     "latency_1m",
@@ -21,6 +21,7 @@ const DAY_PARTITIONED: [&str; 8] = [
     "latency_10s",
     "agent_heartbeats",
     "inflight",
+    "write_ledger",
 ];
 pub const INTERVAL: Duration = Duration::from_secs(3600);
 

@@ -2,7 +2,7 @@
 //! borrowed from the model, so encoding copies no strings.
 
 use clickhouse::Row;
-use serde::{ser::SerializeSeq, Serialize, Serializer};
+use serde::{ser::SerializeSeq, Deserialize, Serialize, Serializer};
 
 use crate::{
     model::Span,
@@ -12,6 +12,14 @@ use crate::{
         stages::{StageKey, StageValue},
     },
 };
+
+/// The spool batches (seqs `lo..=hi`) an INSERT carries: written with its rows so that the
+/// write ledger records them in the same INSERT (`schema.rs`, migration 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BatchRange {
+    pub lo: u64,
+    pub hi: u64,
+}
 
 /// One row of `spans_input` (see `schema.rs`).
 #[derive(Row, Serialize)]
@@ -36,10 +44,12 @@ pub struct SpanRow<'a> {
     attribute_keys: AttributeColumn<'a, 0>,
     #[serde(rename = "attributes.value")]
     attribute_values: AttributeColumn<'a, 1>,
+    batch_lo: u64,
+    batch_hi: u64,
 }
 
-impl<'a> From<&'a Span> for SpanRow<'a> {
-    fn from(s: &'a Span) -> Self {
+impl<'a> SpanRow<'a> {
+    pub fn new(s: &'a Span, batch: BatchRange) -> Self {
         Self {
             trace_id: &s.trace_id,
             span_id: s.span_id,
@@ -60,6 +70,8 @@ impl<'a> From<&'a Span> for SpanRow<'a> {
             error_message: &s.error_message,
             attribute_keys: AttributeColumn(&s.attributes),
             attribute_values: AttributeColumn(&s.attributes),
+            batch_lo: batch.lo,
+            batch_hi: batch.hi,
         }
     }
 }
@@ -77,7 +89,7 @@ impl<const SIDE: usize> Serialize for AttributeColumn<'_, SIDE> {
     }
 }
 
-/// One row of `latency_1m`: a partial sum that SummingMergeTree adds to the others.
+/// One row of `latency_1m` (through `latency_1m_input`): a partial sum that SummingMergeTree adds to the others.
 #[derive(Row, Serialize)]
 pub struct LatencyRow<'a> {
     minute: u32,
@@ -94,11 +106,13 @@ pub struct LatencyRow<'a> {
     buckets: Vec<u64>,
     #[serde(rename = "histMap.count")]
     counts: Vec<u64>,
+    batch_lo: u64,
+    batch_hi: u64,
 }
 
 impl<'a> LatencyRow<'a> {
     /// From a key rolled up to its minute.
-    pub fn new(key: &'a LatencyKey, value: &LatencyValue) -> Self {
+    pub fn new(key: &'a LatencyKey, value: &LatencyValue, batch: BatchRange) -> Self {
         Self {
             minute: key.window,
             service: &key.service,
@@ -112,11 +126,13 @@ impl<'a> LatencyRow<'a> {
             duration_us_sum: value.duration_us_sum,
             buckets: value.buckets(),
             counts: value.counts(),
+            batch_lo: batch.lo,
+            batch_hi: batch.hi,
         }
     }
 }
 
-/// One row of `latency_10s`: the same partial sums per 10-second window.
+/// One row of `latency_10s` (through `latency_10s_input`): the same partial sums per 10-second window.
 #[derive(Row, Serialize)]
 pub struct FineLatencyRow<'a> {
     time: u32,
@@ -133,10 +149,12 @@ pub struct FineLatencyRow<'a> {
     buckets: Vec<u64>,
     #[serde(rename = "histMap.count")]
     counts: Vec<u64>,
+    batch_lo: u64,
+    batch_hi: u64,
 }
 
 impl<'a> FineLatencyRow<'a> {
-    pub fn new(key: &'a LatencyKey, value: &LatencyValue) -> Self {
+    pub fn new(key: &'a LatencyKey, value: &LatencyValue, batch: BatchRange) -> Self {
         Self {
             time: key.window,
             service: &key.service,
@@ -150,11 +168,13 @@ impl<'a> FineLatencyRow<'a> {
             duration_us_sum: value.duration_us_sum,
             buckets: value.buckets(),
             counts: value.counts(),
+            batch_lo: batch.lo,
+            batch_hi: batch.hi,
         }
     }
 }
 
-/// One row of `edges_1m`: a partial sum that SummingMergeTree adds to the others.
+/// One row of `edges_1m` (through `edges_1m_input`): a partial sum that SummingMergeTree adds to the others.
 #[derive(Row, Serialize)]
 pub struct EdgeRow<'a> {
     minute: u32,
@@ -172,10 +192,12 @@ pub struct EdgeRow<'a> {
     buckets: Vec<u64>,
     #[serde(rename = "histMap.count")]
     counts: Vec<u64>,
+    batch_lo: u64,
+    batch_hi: u64,
 }
 
 impl<'a> EdgeRow<'a> {
-    pub fn new(key: &'a EdgeKey, value: &LatencyValue) -> Self {
+    pub fn new(key: &'a EdgeKey, value: &LatencyValue, batch: BatchRange) -> Self {
         Self {
             minute: key.minute,
             caller: &key.caller,
@@ -190,11 +212,13 @@ impl<'a> EdgeRow<'a> {
             duration_us_sum: value.duration_us_sum,
             buckets: value.buckets(),
             counts: value.counts(),
+            batch_lo: batch.lo,
+            batch_hi: batch.hi,
         }
     }
 }
 
-/// One row of `stages_1m`.
+/// One row of `stages_1m` (through `stages_1m_input`).
 #[derive(Row, Serialize)]
 pub struct StageRow<'a> {
     minute: u32,
@@ -204,10 +228,12 @@ pub struct StageRow<'a> {
     stage: &'a str,
     spans: u64,
     self_us_sum: u64,
+    batch_lo: u64,
+    batch_hi: u64,
 }
 
 impl<'a> StageRow<'a> {
-    pub fn new(key: &'a StageKey, value: &StageValue) -> Self {
+    pub fn new(key: &'a StageKey, value: &StageValue, batch: BatchRange) -> Self {
         Self {
             minute: key.minute,
             service: &key.service,
@@ -216,12 +242,14 @@ impl<'a> StageRow<'a> {
             stage: key.stage,
             spans: value.spans,
             self_us_sum: value.self_us_sum,
+            batch_lo: batch.lo,
+            batch_hi: batch.hi,
         }
     }
 }
 
 /// One row of `agent_heartbeats`.
-#[derive(Row, Serialize, Debug, Clone, PartialEq)]
+#[derive(Row, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct HeartbeatRow {
     /// Unix seconds.
     pub time: u32,
@@ -234,7 +262,7 @@ pub struct HeartbeatRow {
 }
 
 /// One row of `inflight`: a transaction an agent saw open past its threshold.
-#[derive(Row, Serialize, Debug, Clone, PartialEq)]
+#[derive(Row, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct InflightRow {
     /// Unix seconds.
     pub snapshot_time: u32,

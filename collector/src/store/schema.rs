@@ -58,7 +58,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "10-second latency aggregates",
         statements: fine_latency_tables,
     },
+    Migration {
+        id: 7,
+        name: "batch ids and the write ledger (idempotent replays from the spool)",
+        statements: ledger_tables,
+    },
 ];
+
+/// Tables written with batch ids, each through a Null `*_input` table whose views write the
+/// rows and, in the same INSERT, one `write_ledger` row per batch range (store/writer.rs).
+pub const LEDGERED: [&str; 5] = ["spans", "latency_1m", "latency_10s", "edges_1m", "stages_1m"];
 
 /// Days the 10-second aggregates are kept (at most `retention_days`): they serve comparisons of
 /// short load tests, which look at the last hours.
@@ -103,12 +112,7 @@ fn spans_tables(d: &Ddl) -> Vec<String> {
     } else {
         String::new()
     };
-    let ttl_index = if d.modern {
-        format!("\nTTL day + INTERVAL {} DAY", d.retention_days)
-    } else {
-        String::new()
-    };
-    vec![
+    let mut statements = vec![
         // Sorted by (service, start): a trace's spans in one service sit together, which is
         // what keeps bytes per span low; operation is left out of the key on purpose (it
         // costs ~11 B/span), modern servers index it instead.
@@ -136,6 +140,20 @@ PARTITION BY toDate(intDiv(start_us, 1000000))
 ORDER BY (service, start_us){ttl}
 SETTINGS index_granularity = 8192"
         ),
+    ];
+    statements.extend(spans_input_and_views(d));
+    statements
+}
+
+/// `spans_input` and the views from it (migration 1; again in migration 7 with batch ids).
+fn spans_input_and_views(d: &Ddl) -> Vec<String> {
+    let db = &d.database;
+    let ttl_index = if d.modern {
+        format!("\nTTL day + INTERVAL {} DAY", d.retention_days)
+    } else {
+        String::new()
+    };
+    vec![
         format!(
             "CREATE TABLE IF NOT EXISTS {db}.spans_input (
   trace_id FixedString(16),
@@ -155,7 +173,9 @@ SETTINGS index_granularity = 8192"
   error_type String,
   error_message String,
   `attributes.key` Array(String),
-  `attributes.value` Array(String)
+  `attributes.value` Array(String),
+  batch_lo UInt64,
+  batch_hi UInt64
 ) ENGINE = Null"
         ),
         format!(
@@ -345,6 +365,123 @@ PARTITION BY toDate(snapshot_time)
 ORDER BY (service, snapshot_time){inflight_ttl}"
         ),
     ]
+}
+
+/// A column of an aggregate's input table: name, type as written, and the table's type when
+/// the view must cast (LowCardinality, enums).
+type InputColumn = (&'static str, &'static str, Option<&'static str>);
+
+const LOW: Option<&str> = Some("LowCardinality(String)");
+
+fn latency_input(time: &'static str) -> Vec<InputColumn> {
+    vec![
+        (time, "DateTime", None),
+        ("service", "String", LOW),
+        ("service_version", "String", LOW),
+        ("bt", "String", LOW),
+        ("operation", "String", LOW),
+        ("kind", "Int8", Some(KIND_ENUM)),
+        ("status", "Int8", Some(STATUS_ENUM)),
+        ("calls", "UInt64", None),
+        ("errors", "UInt64", None),
+        ("duration_us_sum", "UInt64", None),
+        ("histMap.bucket", "Array(UInt64)", None),
+        ("histMap.count", "Array(UInt64)", None),
+    ]
+}
+
+/// Migration 7: batch ids on every ledgered table's input and the ledger they write.
+fn ledger_tables(d: &Ddl) -> Vec<String> {
+    let db = &d.database;
+    let ttl = if d.modern {
+        format!("\nTTL written_at + INTERVAL {} DAY", d.retention_days)
+    } else {
+        String::new()
+    };
+    let mut statements = vec![format!(
+        "CREATE TABLE IF NOT EXISTS {db}.write_ledger (
+  target LowCardinality(String),
+  batch_lo UInt64,
+  batch_hi UInt64,
+  rows UInt64,
+  written_at DateTime
+) ENGINE = MergeTree
+PARTITION BY toDate(written_at)
+ORDER BY (batch_hi, target){ttl}"
+    )];
+    // 18.16 cannot add a column only if it is missing: the Null table and its views are
+    // recreated (they hold no data), now with batch ids.
+    for view in ["spans_mv", "trace_index_mv", "service_instances_mv", "spans_input"] {
+        statements.push(format!("DROP TABLE IF EXISTS {db}.{view}"));
+    }
+    statements.extend(spans_input_and_views(d));
+    statements.push(ledger_view(db, "spans", "spans_input"));
+    let node = Some(NODE_ENUM);
+    let inputs: [(&str, Vec<InputColumn>); 4] = [
+        ("latency_1m", latency_input("minute")),
+        ("latency_10s", latency_input("time")),
+        (
+            "edges_1m",
+            vec![
+                ("minute", "DateTime", None),
+                ("caller", "String", LOW),
+                ("caller_type", "Int8", node),
+                ("callee", "String", LOW),
+                ("callee_type", "Int8", node),
+                ("bt", "String", LOW),
+                ("caller_version", "String", LOW),
+                ("callee_version", "String", LOW),
+                ("calls", "UInt64", None),
+                ("errors", "UInt64", None),
+                ("duration_us_sum", "UInt64", None),
+                ("histMap.bucket", "Array(UInt64)", None),
+                ("histMap.count", "Array(UInt64)", None),
+            ],
+        ),
+        (
+            "stages_1m",
+            vec![
+                ("minute", "DateTime", None),
+                ("service", "String", LOW),
+                ("service_version", "String", LOW),
+                ("bt", "String", LOW),
+                ("stage", "String", LOW),
+                ("spans", "UInt64", None),
+                ("self_us_sum", "UInt64", None),
+            ],
+        ),
+    ];
+    for (table, columns) in inputs {
+        let input = format!("{table}_input");
+        let declared: Vec<String> = columns.iter().map(|(name, ty, _)| format!("  `{name}` {ty}")).collect();
+        statements.push(format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{input} (\n{},\n  batch_lo UInt64,\n  batch_hi UInt64\n) ENGINE = Null",
+            declared.join(",\n")
+        ));
+        let selected: Vec<String> = columns
+            .iter()
+            .map(|(name, _, cast)| match cast {
+                Some(to) => format!("CAST(`{name}` AS {to}) AS `{name}`"),
+                None => format!("`{name}`"),
+            })
+            .collect();
+        statements.push(format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{table}_mv TO {db}.{table} AS SELECT\n  {}\nFROM {db}.{input}",
+            selected.join(",\n  ")
+        ));
+        statements.push(ledger_view(db, table, &input));
+    }
+    statements
+}
+
+/// The view that records, per INSERT into `input`, which batches it carried into `table`.
+fn ledger_view(db: &str, table: &str, input: &str) -> String {
+    format!(
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{table}_ledger_mv TO {db}.write_ledger AS SELECT
+  CAST('{table}' AS LowCardinality(String)) AS target, batch_lo, batch_hi, count() AS rows, now() AS written_at
+FROM {db}.{input}
+GROUP BY batch_lo, batch_hi"
+    )
 }
 
 /// Every statement of every migration, in order (for checks against other servers).

@@ -13,7 +13,8 @@
 //! a write) is cut off at open; a bad record anywhere else ends its segment's replay and is
 //! counted.
 //!
-//! Not yet wired in: receivers still acknowledge once the writer queued a batch (issue 8).
+//! The writer's progress is kept in `written` (the last seq known to be in ClickHouse), so a
+//! restart replays from there; what the marker missed, the write ledger catches (writer.rs).
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -44,7 +45,11 @@ pub struct Recovered {
     pub last_seq: Option<u64>,
     /// Records that failed their checksum or were cut short (the torn tail included).
     pub corrupt: u64,
+    /// Every batch up to this seq was in ClickHouse when the last run said so.
+    pub written_through: u64,
 }
+
+const WRITTEN_MARKER: &str = "written";
 
 struct Segment {
     /// The last seq in it (one less than its first while empty).
@@ -158,6 +163,10 @@ impl SpoolFiles {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
         let next_seq = now_us.max(recovered.last_seq.map_or(0, |s| s + 1));
+        recovered.written_through = fs::read_to_string(dir.join(WRITTEN_MARKER))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0);
         let bytes = segments.iter().map(|s| s.bytes).sum();
         let files = Self {
             dir: dir.to_path_buf(),
@@ -217,9 +226,14 @@ impl SpoolFiles {
         let file = self.current.as_mut().expect("a segment is open");
         let written = file.write_all(&buffer).and_then(|()| file.sync_data());
         if let Err(e) = written {
-            // Nothing half-written may stay: cut back to the last whole record.
+            // Nothing half-written may stay: cut back to the last whole record, and append to a
+            // fresh file next time (this one's handle may be unusable).
             let _ = file.set_len(segment.bytes);
-            let _ = file.seek(SeekFrom::Start(segment.bytes));
+            self.current = None;
+            if segment.bytes == 0 {
+                let _ = fs::remove_file(&segment.path);
+                self.segments.pop();
+            }
             return Err(SpoolError::Io(e.to_string()));
         }
         segment.bytes += size;
@@ -246,6 +260,12 @@ impl SpoolFiles {
     /// Deletes the segments whose every batch has seq <= `through` (all written to ClickHouse),
     /// except the one being appended to.
     pub fn release(&mut self, through: u64) {
+        // Not synced: a marker lost in a crash only means more replay, which the ledger skips.
+        let marker = self.dir.join(WRITTEN_MARKER);
+        let temporary = self.dir.join("written.tmp");
+        if let Err(e) = fs::write(&temporary, through.to_string()).and_then(|()| fs::rename(&temporary, &marker)) {
+            tracing::warn!("cannot record the spool's written mark: {e}");
+        }
         let open = self.segments.len().saturating_sub(usize::from(self.current.is_some()));
         let done = self.segments[..open]
             .iter()
@@ -408,6 +428,28 @@ mod tests {
         let (_, recovered) = SpoolFiles::open(dir.path(), 1 << 20, 1 << 20).unwrap();
         assert_eq!(recovered.corrupt, 1);
         assert_eq!(recovered.first_seq, Some(first));
+    }
+
+    #[test]
+    fn a_full_disk_refuses_the_group_and_the_next_group_goes_to_a_fresh_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = SpoolFiles::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        // The next segment's file is a device whose every write fails with ENOSPC.
+        let path = segment_path(dir.path(), spool.next_seq());
+        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+        let refused = spool.append(&payloads(0..2));
+        match &refused {
+            Err(SpoolError::Io(message)) => assert!(message.contains("No space left"), "{message}"),
+            other => panic!("expected a write error, got {other:?}"),
+        }
+        assert_eq!(spool.bytes(), 0);
+        assert!(!path.exists(), "the failed segment is gone");
+        let first = spool.append(&payloads(2..3)).unwrap();
+        let got = read_all(&mut SpoolReader::new(dir.path()), 0, u64::MAX);
+        assert_eq!(got, vec![(first, vec![2; 12])], "only the batch that was written");
+        drop(spool);
+        let (_, recovered) = SpoolFiles::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        assert_eq!((recovered.records, recovered.corrupt), (1, 0));
     }
 
     #[test]

@@ -1,23 +1,50 @@
-//! The store writer: the one owner of rows on their way into ClickHouse.
+//! The store writer: takes batches from the spool, in order, into ClickHouse.
 //!
-//! Receivers hand it batches through a bounded queue ([`WriterHandle::try_submit`]); a full
-//! queue is the collector's backpressure signal. One batcher task collects spans until
-//! `batch_rows` or `flush_interval`, merges latency partials per key, and gives the chunks to
-//! a pool of inserter tasks: several INSERTs run at once because ClickHouse parses each on one
-//! core. An INSERT that fails is retried with backoff; after `max_attempts` its rows are dropped
-//! and counted.
+//! Receivers never hand rows to the writer directly: a batch is encoded into the spool
+//! (`appender.rs`) and acknowledged once synced there, and the writer reads the spool up to
+//! the last durable seq. So a ClickHouse outage waits on disk, not in memory, and a collector
+//! killed at any moment replays on start whatever was not written.
+//!
+//! One batcher task collects spans until `batch_rows` or `flush_interval`, merges aggregate
+//! partials per key, and cuts a *flush*: every table's rows from the spool batches `lo..=hi`.
+//! A pool of inserter tasks runs the INSERTs concurrently (ClickHouse parses each on one
+//! core). Each INSERT carries its batch range; a materialized view records it in
+//! `write_ledger` in the same INSERT (schema.rs, migration 7). So:
+//! - a replay after a crash skips, table by table, what the ledger shows already written;
+//! - an INSERT that failed with a network error or timeout (it may have been applied) is
+//!   checked against the ledger before it is tried again.
+//!
+//! Errors that ClickHouse may get over (network, timeouts, overload) are retried without end:
+//! the spool holds the data, and the batcher stops reading while the inserters are stuck, so
+//! memory stays bounded. Other errors are retried `max_attempts` times, then the rows are
+//! dropped and counted, so that one poisoned batch never blocks the rest. Once every earlier
+//! flush is done, the spool may delete the segments up to its `hi`.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex as StdMutex,
+    },
+    time::Duration,
+};
 
 use clickhouse::Client;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{mpsc, Mutex},
     task::JoinSet,
     time::{sleep, Instant},
 };
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
-use super::rows::{EdgeRow, FineLatencyRow, HeartbeatRow, InflightRow, LatencyRow, SpanRow, StageRow};
+use super::{
+    appender::SpoolFeed,
+    rows::{BatchRange, EdgeRow, FineLatencyRow, HeartbeatRow, InflightRow, LatencyRow, SpanRow, StageRow},
+    spool::SpoolReader,
+};
 use crate::{
     config::WriterConfig,
     metrics::{Metrics, ReasonLabel, TableLabel},
@@ -29,8 +56,8 @@ use crate::{
     },
 };
 
-/// What one receiver request contributes.
-#[derive(Default)]
+/// What one receiver request contributes: the unit the spool stores.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct WriteBatch {
     pub spans: Vec<Span>,
     pub latency: LatencyAggregates,
@@ -40,32 +67,18 @@ pub struct WriteBatch {
     pub inflight: Vec<InflightRow>,
 }
 
-/// The queue is full: the sender should retry after a while.
-#[derive(Debug)]
-pub struct QueueFull;
+impl WriteBatch {
+    /// The spool's record of this batch.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("encoding into memory cannot fail")
+    }
 
-/// Cheap to clone; every receiver holds one.
-#[derive(Clone)]
-pub struct WriterHandle {
-    queue: mpsc::Sender<WriteBatch>,
-    metrics: Arc<Metrics>,
-}
-
-impl WriterHandle {
-    /// Enqueues without waiting: never stalls a receiver.
-    pub fn try_submit(&self, batch: WriteBatch) -> Result<(), QueueFull> {
-        let spans = batch.spans.len() as i64;
-        match self.queue.try_send(batch) {
-            Ok(()) => {
-                self.metrics.write_queue_spans.inc_by(spans);
-                Ok(())
-            }
-            Err(_) => Err(QueueFull),
-        }
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes)
     }
 }
 
-enum InsertJob {
+enum Rows {
     Spans(Vec<Span>),
     Latency(Vec<(LatencyKey, LatencyValue)>),
     FineLatency(Vec<(LatencyKey, LatencyValue)>),
@@ -75,269 +88,538 @@ enum InsertJob {
     Inflight(Vec<InflightRow>),
 }
 
-/// Starts the batcher and inserters. They run until every `WriterHandle` is dropped, then
-/// write what is pending and end; await the returned set to know it is all written.
-pub fn start(client: Client, config: &WriterConfig, metrics: Arc<Metrics>) -> (WriterHandle, JoinSet<()>) {
-    let (queue_tx, queue_rx) = mpsc::channel(config.queue_batches.max(1));
+impl Rows {
+    fn table(&self) -> &'static str {
+        match self {
+            Rows::Spans(_) => "spans",
+            Rows::Latency(_) => "latency_1m",
+            Rows::FineLatency(_) => "latency_10s",
+            Rows::Edges(_) => "edges_1m",
+            Rows::Stages(_) => "stages_1m",
+            Rows::Heartbeats(_) => "agent_heartbeats",
+            Rows::Inflight(_) => "inflight",
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Rows::Spans(r) => r.len(),
+            Rows::Latency(r) | Rows::FineLatency(r) => r.len(),
+            Rows::Edges(r) => r.len(),
+            Rows::Stages(r) => r.len(),
+            Rows::Heartbeats(r) => r.len(),
+            Rows::Inflight(r) => r.len(),
+        }
+    }
+
+    /// Whether the write ledger records this table (heartbeats and snapshots are exempt: a
+    /// replayed duplicate of either changes no figure).
+    fn ledgered(&self) -> bool {
+        !matches!(self, Rows::Heartbeats(_) | Rows::Inflight(_))
+    }
+}
+
+struct InsertJob {
+    rows: Rows,
+    range: BatchRange,
+    flush: u64,
+}
+
+/// Flushes in the order they were cut, each with its INSERTs still running: the spool may
+/// delete up to the `hi` of the last flush before which everything is done.
+struct Progress {
+    open: StdMutex<BTreeMap<u64, (u64, usize)>>,
+    written: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn start(&self, flush: u64, hi: u64, jobs: usize) {
+        self.open.lock().expect("progress lock").insert(flush, (hi, jobs));
+        self.advance();
+    }
+
+    fn done(&self, flush: u64) {
+        if let Some((_, jobs)) = self.open.lock().expect("progress lock").get_mut(&flush) {
+            *jobs -= 1;
+        }
+        self.advance();
+    }
+
+    fn advance(&self) {
+        let mut open = self.open.lock().expect("progress lock");
+        while let Some(entry) = open.first_entry() {
+            let (hi, jobs) = *entry.get();
+            if jobs > 0 {
+                break;
+            }
+            entry.remove();
+            self.written.fetch_max(hi, Ordering::Release);
+        }
+    }
+}
+
+/// What the write ledger says was written of the batches being replayed.
+#[derive(Default)]
+struct Ledger {
+    /// Per table, written batch ranges sorted by `lo`.
+    written: FxHashMap<String, Vec<(u64, u64)>>,
+    /// Seqs past this were not durable before this run: nothing to look up.
+    until: u64,
+}
+
+#[derive(clickhouse::Row, Deserialize)]
+struct LedgerRow {
+    target: String,
+    batch_lo: u64,
+    batch_hi: u64,
+}
+
+impl Ledger {
+    async fn load(client: &Client, from: u64, until: u64) -> clickhouse::error::Result<Self> {
+        let rows: Vec<LedgerRow> = client
+            .query("SELECT target, batch_lo, batch_hi FROM write_ledger WHERE batch_hi >= ? AND batch_lo <= ?")
+            .bind(from)
+            .bind(until)
+            .fetch_all()
+            .await?;
+        let mut written: FxHashMap<String, Vec<(u64, u64)>> = FxHashMap::default();
+        for row in rows {
+            written
+                .entry(row.target)
+                .or_default()
+                .push((row.batch_lo, row.batch_hi));
+        }
+        for ranges in written.values_mut() {
+            ranges.sort_unstable();
+        }
+        Ok(Self { written, until })
+    }
+
+    fn covers(&self, table: &str, seq: u64) -> bool {
+        if seq > self.until {
+            return false;
+        }
+        let Some(ranges) = self.written.get(table) else {
+            return false;
+        };
+        let after = ranges.partition_point(|(lo, _)| *lo <= seq);
+        ranges[..after].iter().rev().any(|(lo, hi)| (*lo..=*hi).contains(&seq))
+    }
+}
+
+/// Starts the batcher and the inserters. They run until the spool's appender stops (every
+/// receiver gone), then write what is durable and end; await the returned set to know it is
+/// all written. On a failing ClickHouse at that point they leave the rest in the spool.
+pub fn start(
+    client: Client,
+    config: &WriterConfig,
+    spool_dir: &Path,
+    feed: SpoolFeed,
+    metrics: Arc<Metrics>,
+) -> JoinSet<()> {
     let (jobs_tx, jobs_rx) = mpsc::channel::<InsertJob>(config.inserters);
     let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-    // Span buffers go back to the batcher once inserted: a fresh 50k-span buffer per batch
-    // cost more CPU in page faults than the rest of the writer.
-    let (spare_tx, spare_rx) = mpsc::channel::<Vec<Span>>(config.inserters + 1);
+    let progress = Arc::new(Progress {
+        open: StdMutex::new(BTreeMap::new()),
+        written: feed.written.clone(),
+    });
+    let draining = Arc::new(AtomicBool::new(false));
     let mut tasks = JoinSet::new();
-    tasks.spawn(batcher(queue_rx, jobs_tx, spare_rx, config.clone()));
+    tasks.spawn(
+        Batcher {
+            client: client.clone(),
+            reader: SpoolReader::new(spool_dir),
+            jobs: jobs_tx,
+            config: config.clone(),
+            metrics: metrics.clone(),
+            progress: progress.clone(),
+            draining: draining.clone(),
+            pending: Pending::default(),
+            flushes: 0,
+        }
+        .run(feed),
+    );
     for _ in 0..config.inserters {
-        let spare = spare_tx.clone();
         tasks.spawn(inserter(
             client.clone(),
             jobs_rx.clone(),
-            spare,
             config.max_attempts,
             metrics.clone(),
+            progress.clone(),
+            draining.clone(),
         ));
     }
-    (
-        WriterHandle {
-            queue: queue_tx,
-            metrics,
-        },
-        tasks,
-    )
+    tasks
 }
 
-async fn batcher(
-    mut queue: mpsc::Receiver<WriteBatch>,
+/// Rows read from the spool, not yet cut into a flush.
+#[derive(Default)]
+struct Pending {
+    range: Option<BatchRange>,
+    spans: Vec<Span>,
+    /// Latency partials for both tables; `*_only` hold replayed batches already written to the
+    /// other one.
+    latency: LatencyAggregates,
+    fine_only: LatencyAggregates,
+    minute_only: LatencyAggregates,
+    edges: EdgeAggregates,
+    stages: StageAggregates,
+    heartbeats: Vec<HeartbeatRow>,
+    inflight: Vec<InflightRow>,
+    since: Option<Instant>,
+}
+
+struct Batcher {
+    client: Client,
+    reader: SpoolReader,
     jobs: mpsc::Sender<InsertJob>,
-    mut spare: mpsc::Receiver<Vec<Span>>,
     config: WriterConfig,
-) {
-    let interval = config.flush_interval();
-    let mut spans: Vec<Span> = Vec::new();
-    let mut latency = LatencyAggregates::default();
-    let mut edges = EdgeAggregates::default();
-    let mut stages = StageAggregates::default();
-    let (mut heartbeats, mut inflight) = (Vec::new(), Vec::new());
-    let mut deadline: Option<Instant> = None;
-    loop {
-        let received = match deadline {
-            Some(at) => tokio::select! {
-                batch = queue.recv() => Some(batch),
-                _ = tokio::time::sleep_until(at) => None,
-            },
-            None => Some(queue.recv().await),
+    metrics: Arc<Metrics>,
+    progress: Arc<Progress>,
+    draining: Arc<AtomicBool>,
+    pending: Pending,
+    flushes: u64,
+}
+
+impl Batcher {
+    async fn run(mut self, feed: SpoolFeed) {
+        let SpoolFeed {
+            mut durable,
+            recovered,
+            written,
+        } = feed;
+        drop(written);
+        let mut next = recovered.written_through.saturating_add(1);
+        let replay_until = recovered.last_seq.unwrap_or(0);
+        let ledger = if replay_until >= next {
+            self.load_ledger(next, replay_until).await
+        } else {
+            Ledger::default()
         };
-        match received {
-            Some(Some(batch)) => {
-                if spans.capacity() == 0 {
-                    spans = spare
-                        .try_recv()
-                        .unwrap_or_else(|_| Vec::with_capacity(config.batch_rows));
-                }
-                spans.extend(batch.spans);
-                latency.merge(batch.latency);
-                edges.merge(batch.edges);
-                stages.merge(batch.stages);
-                heartbeats.extend(batch.heartbeats);
-                inflight.extend(batch.inflight);
-                deadline.get_or_insert_with(|| Instant::now() + interval);
-                // A batch may end up a request's worth over batch_rows: cheaper than splitting.
-                if spans.len() >= config.batch_rows
-                    && jobs.send(InsertJob::Spans(std::mem::take(&mut spans))).await.is_err()
-                {
-                    return;
-                }
+        let interval = self.config.flush_interval();
+        loop {
+            let until = *durable.borrow_and_update();
+            if !self.read(&mut next, until, &ledger).await {
+                return;
             }
-            // Flush time, or every sender is gone: write everything pending.
-            Some(None) | None => {
-                let closed = received.is_some();
-                if !spans.is_empty() && jobs.send(InsertJob::Spans(std::mem::take(&mut spans))).await.is_err() {
-                    return;
-                }
-                let rows = latency.drain();
-                if !rows.is_empty() {
-                    let minutes = LatencyAggregates::by_minute(&rows);
-                    if jobs.send(InsertJob::Latency(minutes)).await.is_err()
-                        || jobs.send(InsertJob::FineLatency(rows)).await.is_err()
-                    {
+            let deadline = self.pending.since.map(|since| since + interval);
+            let closed = tokio::select! {
+                changed = durable.changed() => changed.is_err(),
+                _ = sleep_until_some(deadline) => {
+                    if !self.flush().await {
                         return;
                     }
+                    false
                 }
-                let rows = edges.drain();
-                if !rows.is_empty() && jobs.send(InsertJob::Edges(rows)).await.is_err() {
-                    return;
+            };
+            if closed {
+                // The appender stopped: what is durable now is all there will be.
+                let until = *durable.borrow();
+                if self.read(&mut next, until, &ledger).await {
+                    self.flush().await;
                 }
-                let rows = stages.drain();
-                if !rows.is_empty() && jobs.send(InsertJob::Stages(rows)).await.is_err() {
-                    return;
+                self.draining.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// The ledger for a replay; ClickHouse answered the migrations a moment ago, so this
+    /// waits for it rather than guess.
+    async fn load_ledger(&self, from: u64, until: u64) -> Ledger {
+        let mut attempt = 0u32;
+        loop {
+            match Ledger::load(&self.client, from, until).await {
+                Ok(ledger) => {
+                    info!(
+                        ranges = ledger.written.values().map(Vec::len).sum::<usize>(),
+                        "replaying the spool; the write ledger shows what is written already"
+                    );
+                    return ledger;
                 }
-                if !heartbeats.is_empty()
-                    && jobs
-                        .send(InsertJob::Heartbeats(std::mem::take(&mut heartbeats)))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-                if !inflight.is_empty()
-                    && jobs
-                        .send(InsertJob::Inflight(std::mem::take(&mut inflight)))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-                deadline = None;
-                if closed {
-                    return;
+                Err(e) => {
+                    attempt += 1;
+                    warn!(attempt, "cannot read the write ledger, retrying: {e}");
+                    sleep(backoff(attempt)).await;
                 }
             }
         }
+    }
+
+    /// Reads every durable batch from `next` on, flushing whenever enough spans are pending.
+    /// False once the inserters are gone.
+    async fn read(&mut self, next: &mut u64, until: u64, ledger: &Ledger) -> bool {
+        loop {
+            let (seq, payload) = match self.reader.read(*next, until) {
+                Ok(Some(record)) => record,
+                Ok(None) => return true,
+                Err(e) => {
+                    warn!("cannot read the spool, retrying: {e}");
+                    sleep(Duration::from_secs(1)).await;
+                    return true;
+                }
+            };
+            *next = seq + 1;
+            match WriteBatch::decode(&payload) {
+                Ok(batch) => self.add(seq, batch, ledger),
+                Err(e) => {
+                    self.metrics.spool_corrupt_records.inc();
+                    error!(seq, "undecodable spool record skipped: {e}");
+                    continue;
+                }
+            }
+            if self.pending.spans.len() >= self.config.batch_rows && !self.flush().await {
+                return false;
+            }
+        }
+    }
+
+    fn add(&mut self, seq: u64, mut batch: WriteBatch, ledger: &Ledger) {
+        let skipped = |table: &'static str| {
+            let covered = ledger.covers(table, seq);
+            if covered {
+                self.metrics.replay_skipped.get_or_create(&TableLabel { table }).inc();
+            }
+            covered
+        };
+        if skipped("spans") {
+            batch.spans.clear();
+        }
+        if skipped("edges_1m") {
+            batch.edges = EdgeAggregates::default();
+        }
+        if skipped("stages_1m") {
+            batch.stages = StageAggregates::default();
+        }
+        let (fine, minute) = (!skipped("latency_10s"), !skipped("latency_1m"));
+        let pending = &mut self.pending;
+        match (fine, minute) {
+            (true, true) => pending.latency.merge(batch.latency),
+            (true, false) => pending.fine_only.merge(batch.latency),
+            (false, true) => pending.minute_only.merge(batch.latency),
+            (false, false) => {}
+        }
+        let range = pending.range.get_or_insert(BatchRange { lo: seq, hi: seq });
+        range.hi = seq;
+        if pending.spans.capacity() == 0 {
+            pending.spans.reserve(self.config.batch_rows);
+        }
+        self.metrics.write_queue_spans.inc_by(batch.spans.len() as i64);
+        pending.spans.extend(batch.spans);
+        pending.edges.merge(batch.edges);
+        pending.stages.merge(batch.stages);
+        pending.heartbeats.extend(batch.heartbeats);
+        pending.inflight.extend(batch.inflight);
+        pending.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Cuts everything pending into one flush and hands its INSERTs to the inserters. False
+    /// once they are gone.
+    async fn flush(&mut self) -> bool {
+        let pending = std::mem::take(&mut self.pending);
+        let Some(range) = pending.range else { return true };
+        let mut jobs = Vec::new();
+        if !pending.spans.is_empty() {
+            jobs.push(Rows::Spans(pending.spans));
+        }
+        let mut latency = pending.latency;
+        let both = latency.drain();
+        let mut fine = pending.fine_only;
+        let mut minute = LatencyAggregates::by_minute(&both);
+        let mut minute_only = pending.minute_only;
+        minute.extend(LatencyAggregates::by_minute(&minute_only.drain()));
+        let mut fine_rows = both;
+        fine_rows.extend(fine.drain());
+        if !minute.is_empty() {
+            jobs.push(Rows::Latency(minute));
+        }
+        if !fine_rows.is_empty() {
+            jobs.push(Rows::FineLatency(fine_rows));
+        }
+        let mut edges = pending.edges;
+        if !edges.is_empty() {
+            jobs.push(Rows::Edges(edges.drain()));
+        }
+        let mut stages = pending.stages;
+        if !stages.is_empty() {
+            jobs.push(Rows::Stages(stages.drain()));
+        }
+        if !pending.heartbeats.is_empty() {
+            jobs.push(Rows::Heartbeats(pending.heartbeats));
+        }
+        if !pending.inflight.is_empty() {
+            jobs.push(Rows::Inflight(pending.inflight));
+        }
+        self.flushes += 1;
+        let flush = self.flushes;
+        self.progress.start(flush, range.hi, jobs.len());
+        for rows in jobs {
+            if self.jobs.send(InsertJob { rows, range, flush }).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100 << attempt.min(6)).min(Duration::from_secs(5))
+}
+
+/// Errors ClickHouse may get over: retried without end while the collector runs.
+fn is_transient(error: &clickhouse::error::Error) -> bool {
+    use clickhouse::error::Error;
+    match error {
+        Error::Network(_) | Error::TimedOut => true,
+        // Overload and server-side timeouts: too many parts (252), memory limit (241), too
+        // many queries (202), timeouts (159, 209), network (210), shutting down (394).
+        Error::BadResponse(message) => [252, 241, 202, 159, 209, 210, 394]
+            .iter()
+            .any(|code| message.contains(&format!("Code: {code},"))),
+        _ => false,
     }
 }
 
 async fn inserter(
     client: Client,
     jobs: Arc<Mutex<mpsc::Receiver<InsertJob>>>,
-    spare: mpsc::Sender<Vec<Span>>,
     max_attempts: u32,
     metrics: Arc<Metrics>,
+    progress: Arc<Progress>,
+    draining: Arc<AtomicBool>,
 ) {
     loop {
         let job = jobs.lock().await.recv().await;
         let Some(mut job) = job else { return };
-        if let InsertJob::Spans(spans) = &mut job {
+        if let Rows::Spans(spans) = &mut job.rows {
             // In the table's key order: ClickHouse sorts every INSERT by (service, start), and
             // takes sorted input at about twice the rate of arrival order (benches/README.md).
             spans.sort_unstable_by(|a, b| (&a.service, a.start_ns).cmp(&(&b.service, b.start_ns)));
         }
-        let (table, rows) = match &job {
-            InsertJob::Spans(spans) => ("spans", spans.len()),
-            InsertJob::Latency(rows) => ("latency_1m", rows.len()),
-            InsertJob::FineLatency(rows) => ("latency_10s", rows.len()),
-            InsertJob::Edges(rows) => ("edges_1m", rows.len()),
-            InsertJob::Stages(rows) => ("stages_1m", rows.len()),
-            InsertJob::Heartbeats(rows) => ("agent_heartbeats", rows.len()),
-            InsertJob::Inflight(rows) => ("inflight", rows.len()),
-        };
+        let (table, rows) = (job.rows.table(), job.rows.len());
         let label = TableLabel { table };
         let mut attempt = 0;
-        loop {
+        let done = loop {
             attempt += 1;
             let started = std::time::Instant::now();
-            let result = match &job {
-                InsertJob::Spans(spans) => insert_spans(&client, spans).await,
-                InsertJob::Latency(rows) => insert_latency(&client, rows).await,
-                InsertJob::FineLatency(rows) => insert_fine_latency(&client, rows).await,
-                InsertJob::Edges(rows) => insert_edges(&client, rows).await,
-                InsertJob::Stages(rows) => insert_stages(&client, rows).await,
-                InsertJob::Heartbeats(rows) => insert_owned(&client, "agent_heartbeats", rows).await,
-                InsertJob::Inflight(rows) => insert_owned(&client, "inflight", rows).await,
+            let Err(e) = insert(&client, &job.rows, job.range).await else {
+                metrics
+                    .insert_duration_seconds
+                    .get_or_create(&label)
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.written_rows.get_or_create(&label).inc_by(rows as u64);
+                break true;
             };
-            match result {
-                Ok(()) => {
-                    metrics
-                        .insert_duration_seconds
-                        .get_or_create(&label)
-                        .observe(started.elapsed().as_secs_f64());
-                    metrics.written_rows.get_or_create(&label).inc_by(rows as u64);
-                    break;
-                }
-                Err(e) => {
-                    metrics.insert_failures.get_or_create(&label).inc();
-                    if attempt >= max_attempts {
-                        error!(table, rows, attempts = attempt, "giving up on INSERT: {e}");
-                        if table == "spans" {
-                            metrics
-                                .dropped_spans
-                                .get_or_create(&ReasonLabel {
-                                    reason: "insert_failed",
-                                })
-                                .inc_by(rows as u64);
-                        }
-                        break;
-                    }
-                    let backoff = Duration::from_millis(100 << attempt.min(6)).min(Duration::from_secs(5));
-                    warn!(table, rows, attempt, ?backoff, "INSERT failed, retrying: {e}");
-                    sleep(backoff).await;
-                }
+            metrics.insert_failures.get_or_create(&label).inc();
+            let transient = is_transient(&e);
+            // A timeout or a lost connection may come after ClickHouse took the rows.
+            if transient && job.rows.ledgered() && in_ledger(&client, table, job.range).await {
+                metrics.written_rows.get_or_create(&label).inc_by(rows as u64);
+                break true;
             }
-        }
-        if let InsertJob::Spans(mut spans) = job {
+            if transient && draining.load(Ordering::Relaxed) {
+                // Shutting down with ClickHouse away: the rows stay in the spool for the next run.
+                warn!(
+                    table,
+                    rows, "ClickHouse unreachable at shutdown; left in the spool: {e}"
+                );
+                break false;
+            }
+            if !transient && attempt >= max_attempts {
+                error!(table, rows, attempts = attempt, "giving up on INSERT: {e}");
+                if let Rows::Spans(_) = job.rows {
+                    metrics
+                        .dropped_spans
+                        .get_or_create(&ReasonLabel {
+                            reason: "insert_failed",
+                        })
+                        .inc_by(rows as u64);
+                }
+                break true;
+            }
+            let wait = backoff(attempt);
+            warn!(table, rows, attempt, ?wait, "INSERT failed, retrying: {e}");
+            sleep(wait).await;
+        };
+        if let Rows::Spans(spans) = &job.rows {
             metrics.write_queue_spans.dec_by(spans.len() as i64);
-            spans.clear();
-            let _ = spare.try_send(spans);
+        }
+        if done {
+            progress.done(job.flush);
         }
     }
+}
+
+/// Whether the ledger records `range` as written to `table` (false when it cannot tell).
+async fn in_ledger(client: &Client, table: &str, range: BatchRange) -> bool {
+    client
+        .query("SELECT count() FROM write_ledger WHERE target = ? AND batch_lo = ? AND batch_hi = ?")
+        .bind(table)
+        .bind(range.lo)
+        .bind(range.hi)
+        .fetch_one::<u64>()
+        .await
+        .is_ok_and(|n| n > 0)
 }
 
 const INSERT_TIMEOUT: Option<Duration> = Some(Duration::from_secs(60));
 
-async fn insert_spans(client: &Client, spans: &[Span]) -> clickhouse::error::Result<()> {
-    let mut insert = client
-        .insert::<SpanRow<'_>>("spans_input")
-        .await?
-        .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
-    for span in spans {
-        insert.write(&SpanRow::from(span)).await?;
-    }
-    insert.end().await
+/// One INSERT of `rows` into `table` (one block, so the ledger view sees it whole).
+macro_rules! insert_rows {
+    ($client:expr, $table:expr, $row:ty, $rows:expr) => {{
+        let mut insert = $client
+            .insert::<$row>($table)
+            .await?
+            .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
+        for row in $rows {
+            insert.write(&row).await?;
+        }
+        insert.end().await
+    }};
 }
 
-async fn insert_latency(client: &Client, rows: &[(LatencyKey, LatencyValue)]) -> clickhouse::error::Result<()> {
-    let mut insert = client
-        .insert::<LatencyRow<'_>>("latency_1m")
-        .await?
-        .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
-    for (key, value) in rows {
-        insert.write(&LatencyRow::new(key, value)).await?;
+async fn insert(client: &Client, rows: &Rows, batch: BatchRange) -> clickhouse::error::Result<()> {
+    match rows {
+        Rows::Spans(spans) => {
+            insert_rows!(
+                client,
+                "spans_input",
+                SpanRow<'_>,
+                spans.iter().map(|s| SpanRow::new(s, batch))
+            )
+        }
+        Rows::Latency(rows) => insert_rows!(
+            client,
+            "latency_1m_input",
+            LatencyRow<'_>,
+            rows.iter().map(|(k, v)| LatencyRow::new(k, v, batch))
+        ),
+        Rows::FineLatency(rows) => insert_rows!(
+            client,
+            "latency_10s_input",
+            FineLatencyRow<'_>,
+            rows.iter().map(|(k, v)| FineLatencyRow::new(k, v, batch))
+        ),
+        Rows::Edges(rows) => insert_rows!(
+            client,
+            "edges_1m_input",
+            EdgeRow<'_>,
+            rows.iter().map(|(k, v)| EdgeRow::new(k, v, batch))
+        ),
+        Rows::Stages(rows) => insert_rows!(
+            client,
+            "stages_1m_input",
+            StageRow<'_>,
+            rows.iter().map(|(k, v)| StageRow::new(k, v, batch))
+        ),
+        Rows::Heartbeats(rows) => insert_rows!(client, "agent_heartbeats", HeartbeatRow, rows),
+        Rows::Inflight(rows) => insert_rows!(client, "inflight", InflightRow, rows),
     }
-    insert.end().await
-}
-
-async fn insert_fine_latency(client: &Client, rows: &[(LatencyKey, LatencyValue)]) -> clickhouse::error::Result<()> {
-    let mut insert = client
-        .insert::<FineLatencyRow<'_>>("latency_10s")
-        .await?
-        .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
-    for (key, value) in rows {
-        insert.write(&FineLatencyRow::new(key, value)).await?;
-    }
-    insert.end().await
-}
-
-async fn insert_edges(client: &Client, rows: &[(EdgeKey, LatencyValue)]) -> clickhouse::error::Result<()> {
-    let mut insert = client
-        .insert::<EdgeRow<'_>>("edges_1m")
-        .await?
-        .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
-    for (key, value) in rows {
-        insert.write(&EdgeRow::new(key, value)).await?;
-    }
-    insert.end().await
-}
-
-async fn insert_stages(client: &Client, rows: &[(StageKey, StageValue)]) -> clickhouse::error::Result<()> {
-    let mut insert = client
-        .insert::<StageRow<'_>>("stages_1m")
-        .await?
-        .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
-    for (key, value) in rows {
-        insert.write(&StageRow::new(key, value)).await?;
-    }
-    insert.end().await
-}
-
-async fn insert_owned<T: clickhouse::RowOwned + clickhouse::RowWrite>(
-    client: &Client,
-    table: &str,
-    rows: &[T],
-) -> clickhouse::error::Result<()> {
-    let mut insert = client
-        .insert::<T>(table)
-        .await?
-        .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
-    for row in rows {
-        insert.write(row).await?;
-    }
-    insert.end().await
 }
