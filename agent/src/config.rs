@@ -25,6 +25,8 @@ pub struct Config {
     pub collector: String,
     /// How to speak to it.
     pub protocol: Protocol,
+    /// The collector's ingest token, sent as `authorization: Bearer <token>`; empty: none.
+    pub token: String,
     /// Share of business transactions whose call chain is recorded, 0.0..=1.0. RED figures of
     /// transactions count every request regardless. The collector may change it at run time.
     pub sampling_ratio: f64,
@@ -60,6 +62,7 @@ impl Default for Config {
             instance: String::new(),
             collector: "http://127.0.0.1:4317".into(),
             protocol: Protocol::Native,
+            token: String::new(),
             sampling_ratio: 1.0,
             queue_batches: 65_536,
             max_pending_spans: 200_000,

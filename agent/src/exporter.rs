@@ -354,7 +354,7 @@ impl Exporter {
         while let Some(batch) = self.pending.front() {
             if !batch.spans.is_empty() {
                 if client.is_none() {
-                    *client = Some(otlp::OtlpClient::connect(self.config.collector.clone()).await?);
+                    *client = Some(otlp::OtlpClient::connect(self.config.collector.clone(), &self.config.token).await?);
                 }
                 let identity = otlp::Identity {
                     service: self.agent.service(),
@@ -381,11 +381,11 @@ impl Exporter {
             .await
             .map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel::<AgentMessage>(64);
-        let mut inbound = client
-            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner();
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(value) = crate::otlp::authorization(&self.config.token)? {
+            request.metadata_mut().insert("authorization", value);
+        }
+        let mut inbound = client.stream(request).await.map_err(|e| e.to_string())?.into_inner();
         let mut dictionary = Dictionary::default();
         // Everything not yet acknowledged goes again on this stream, oldest first.
         for i in 0..self.pending.len() {

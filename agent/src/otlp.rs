@@ -26,10 +26,23 @@ const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/
 /// A connection to an OTLP/gRPC trace receiver.
 pub(crate) struct OtlpClient {
     grpc: tonic::client::Grpc<Channel>,
+    authorization: Option<tonic::metadata::AsciiMetadataValue>,
+}
+
+/// The `authorization` metadata for a collector token (none when the token is empty).
+pub(crate) fn authorization(token: &str) -> Result<Option<tonic::metadata::AsciiMetadataValue>, String> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    format!("Bearer {token}")
+        .parse()
+        .map(Some)
+        .map_err(|_| "the collector token must be printable ASCII".to_string())
 }
 
 impl OtlpClient {
-    pub(crate) async fn connect(endpoint: String) -> Result<Self, String> {
+    pub(crate) async fn connect(endpoint: String, token: &str) -> Result<Self, String> {
+        let authorization = authorization(token)?;
         let channel = Channel::from_shared(endpoint)
             .map_err(|e| e.to_string())?
             .connect()
@@ -37,6 +50,7 @@ impl OtlpClient {
             .map_err(|e| e.to_string())?;
         Ok(Self {
             grpc: tonic::client::Grpc::new(channel),
+            authorization,
         })
     }
 
@@ -45,8 +59,12 @@ impl OtlpClient {
         self.grpc.ready().await.map_err(|e| e.to_string())?;
         let codec = tonic_prost::ProstCodec::<ExportTraceServiceRequest, ExportTraceServiceResponse>::default();
         let path = http::uri::PathAndQuery::from_static(EXPORT_PATH);
+        let mut request = tonic::Request::new(request);
+        if let Some(value) = &self.authorization {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
         self.grpc
-            .unary(tonic::Request::new(request), path, codec)
+            .unary(request, path, codec)
             .await
             .map(|_| ())
             .map_err(|status| format!("OTLP export refused: {status}"))

@@ -20,8 +20,19 @@ pub struct Config {
     pub limits: Limits,
     pub writer: WriterConfig,
     pub spool: SpoolConfig,
+    pub auth: AuthConfig,
     pub agents: AgentsConfig,
     pub edges: EdgesConfig,
+}
+
+/// Bearer tokens (`Authorization: Bearer <token>`); empty: no token asked.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Asked of agents and OTLP senders (gRPC and HTTP).
+    pub ingest_token: String,
+    /// Asked of API clients and the dashboard (`/api/*`, `/metrics`); health checks stay open.
+    pub api_token: String,
 }
 
 /// The on-disk hand-off between receivers and the writer (store/spool.rs).
@@ -162,6 +173,7 @@ impl Default for Config {
             limits: Limits::default(),
             writer: WriterConfig::default(),
             spool: SpoolConfig::default(),
+            auth: AuthConfig::default(),
             agents: AgentsConfig::default(),
             edges: EdgesConfig::default(),
         }

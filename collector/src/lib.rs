@@ -3,6 +3,7 @@
 //! them back over an HTTP API. See `docs/architecture.md` for the way a span takes.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod gate;

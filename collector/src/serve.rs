@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{self, ApiState},
+    auth::Token,
     config::Config,
     metrics::Metrics,
     pipeline::Pipeline,
@@ -70,7 +71,13 @@ impl Collector {
         let spool_dir = config.spool_dir();
         let (spool, feed) = appender::start(&spool_dir, &config.spool, config.writer.queue_batches, metrics.clone())?;
         let writer_tasks = writer::start(client.clone(), &config.writer, &spool_dir, feed, metrics.clone());
-        let pipeline = Pipeline::new(config.limits.clone(), &config.edges, metrics.clone(), spool);
+        let pipeline = Pipeline::new(
+            config.limits.clone(),
+            &config.edges,
+            metrics.clone(),
+            spool,
+            Token::new(&config.auth.ingest_token),
+        );
         let sweeping = pipeline.clone();
         background.spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -114,6 +121,7 @@ impl Collector {
                 queries: Queries::new(client).silent_after(config.agents.silent_after_secs),
                 metrics: metrics.clone(),
                 sampling,
+                api_token: Token::new(&config.auth.api_token),
             },
             &api::dashboard::locate(config.api.dashboard_dir.as_deref()),
         );
@@ -124,6 +132,15 @@ impl Collector {
                 .await?)
         });
         info!(%grpc_addr, %http_addr, %api_addr, "collector listening");
+        for (addr, token, what) in [
+            (grpc_addr, &config.auth.ingest_token, "ingest (gRPC)"),
+            (http_addr, &config.auth.ingest_token, "ingest (HTTP)"),
+            (api_addr, &config.auth.api_token, "the API"),
+        ] {
+            if !addr.ip().is_loopback() && token.is_empty() {
+                warn!(%addr, "{what} listens beyond loopback without a token: anyone who reaches it may use it (set [auth])");
+            }
+        }
 
         Ok(Self {
             grpc_addr,

@@ -29,6 +29,13 @@ pub async fn request(method: &str, url: &str, content_type: Option<&str>, body: 
         .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
 }
 
+/// A request with extra headers (`authorization`, `cookie`, ...).
+pub async fn request_with(method: &str, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> HttpResponse {
+    send(method, url, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
 /// Like [`request`], with connection errors returned (for waiting until a server is up).
 pub async fn try_request(
     method: &str,
@@ -36,10 +43,22 @@ pub async fn try_request(
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> Result<HttpResponse, hyper_util::client::legacy::Error> {
+    match content_type {
+        Some(ct) => send(method, url, &[("content-type", ct)], body).await,
+        None => send(method, url, &[], body).await,
+    }
+}
+
+async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<HttpResponse, hyper_util::client::legacy::Error> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut builder = http::Request::builder().method(method).uri(url);
-    if let Some(ct) = content_type {
-        builder = builder.header(http::header::CONTENT_TYPE, ct);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
     }
     // No request in a test may hang it: 30 s is far beyond any answer a test waits for.
     let pending = client.request(builder.body(Full::new(Bytes::from(body))).expect("valid request"));
@@ -296,6 +315,11 @@ pub fn dashboard_dir() -> PathBuf {
 /// against the dashboard at `url`; screenshots go to `dashboards/web/test-artifacts/<mode>`.
 /// Panics with the script's output when a check fails; returns its output otherwise.
 pub async fn browser_test(mode: &str, url: &str) -> String {
+    browser_test_with(mode, url, &[]).await
+}
+
+/// [`browser_test`] with environment variables for the script.
+pub async fn browser_test_with(mode: &str, url: &str, env: &[(&str, &str)]) -> String {
     let web = dashboard_dir().join("..");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
@@ -308,6 +332,7 @@ pub async fn browser_test(mode: &str, url: &str) -> String {
         .args([mode, url])
         .arg(&artifacts)
         .env("CHROMIUM", &chromium)
+        .envs(env.iter().copied())
         .output()
         .await
         .expect("node runs");

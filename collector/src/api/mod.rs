@@ -18,6 +18,7 @@ use serde_json::json;
 use tracing::error;
 
 use crate::{
+    auth::Token,
     metrics::Metrics,
     query::{CompareScope, Queries},
     sampling::SamplingPolicy,
@@ -31,10 +32,19 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// The sampling policy agent streams push to their agents.
     pub sampling: Arc<tokio::sync::watch::Sender<SamplingPolicy>>,
+    /// Asked of every route but the health checks, the login and the dashboard's files (which
+    /// hold no data; the dashboard asks for the token when the API answers 401).
+    pub api_token: Token,
 }
 
 /// The API under `/api/v1`, `/metrics`, the health checks, and the dashboard at `/`.
 pub fn router(state: ApiState, dashboard_dir: &std::path::Path) -> Router {
+    let auth = (state.api_token.clone(), state.metrics.clone(), "api");
+    let open = Router::new()
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/login", axum::routing::post(login))
+        .with_state(state.clone());
     Router::new()
         .route("/api/v1/services", get(services))
         .route("/api/v1/traces", get(search_traces))
@@ -44,14 +54,37 @@ pub fn router(state: ApiState, dashboard_dir: &std::path::Path) -> Router {
         .route("/api/v1/compare", get(compare).post(compare_with))
         .route("/api/v1/agents/sampling", get(sampling).put(set_sampling))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
-        .route("/readyz", get(readyz))
         .route(
             "/api/{*rest}",
             axum::routing::any(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") }),
         )
+        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::require))
         .with_state(state)
+        .merge(open)
         .merge(dashboard::router(dashboard_dir))
+}
+
+#[derive(serde::Deserialize)]
+struct Login {
+    token: String,
+}
+
+/// The dashboard's login: the right API token comes back as an HTTP-only cookie, which the
+/// browser then sends with every API request.
+async fn login(State(state): State<ApiState>, body: Result<Json<Login>, JsonRejection>) -> Response {
+    let Ok(Json(Login { token })) = body else {
+        return ApiError::bad_request("send {\"token\": \"...\"}").into_response();
+    };
+    if !state.api_token.allows(Some(&token)) {
+        state.metrics.reject_request("api", "unauthenticated");
+        return crate::auth::unauthorized("the API");
+    }
+    let cookie = format!("{}={token}; Path=/; HttpOnly; SameSite=Strict", crate::auth::COOKIE);
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    if let Ok(value) = header::HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
 }
 
 /// An error as the API reports it.

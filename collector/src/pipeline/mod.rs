@@ -22,6 +22,7 @@ use std::{
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
 use crate::{
+    auth::Token,
     config::Limits,
     metrics::{Metrics, ReasonLabel, ReceiverLabel},
     store::{
@@ -43,6 +44,7 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     spool: SpoolHandle,
     pairing: Arc<Pairing>,
+    ingest_token: Token,
 }
 
 /// A request the pipeline took, possibly in part.
@@ -95,7 +97,13 @@ impl Taken {
 }
 
 impl Pipeline {
-    pub fn new(limits: Limits, edges: &crate::config::EdgesConfig, metrics: Arc<Metrics>, spool: SpoolHandle) -> Self {
+    pub fn new(
+        limits: Limits,
+        edges: &crate::config::EdgesConfig,
+        metrics: Arc<Metrics>,
+        spool: SpoolHandle,
+        ingest_token: Token,
+    ) -> Self {
         let pairing = Pairing::new(
             Duration::from_millis(edges.pairing_window_ms),
             edges.max_waiting,
@@ -106,6 +114,7 @@ impl Pipeline {
             metrics,
             spool,
             pairing: Arc::new(pairing),
+            ingest_token,
         }
     }
 
@@ -120,6 +129,11 @@ impl Pipeline {
             };
             let _ = self.spool.try_append(batch.encode());
         }
+    }
+
+    /// What receivers ask of senders.
+    pub fn ingest_token(&self) -> &Token {
+        &self.ingest_token
     }
 
     pub fn limits(&self) -> &Limits {

@@ -62,6 +62,15 @@ impl Agent for NativeAgentService {
     type StreamStream = Outbound;
 
     async fn stream(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {
+        let offered = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::auth::bearer_value);
+        if !self.pipeline.ingest_token().allows(offered) {
+            self.pipeline.metrics().reject_request(RECEIVER, "unauthenticated");
+            return Err(Status::unauthenticated(super::otlp_grpc::UNAUTHENTICATED));
+        }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<CollectorMessage, Status>>(64);
         let (acks, to_ack) = mpsc::channel::<(u64, Taken)>(256);

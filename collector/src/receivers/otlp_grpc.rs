@@ -28,6 +28,7 @@ use tonic::{
 use crate::pipeline::Pipeline;
 
 const RECEIVER: &str = "otlp_grpc";
+pub(crate) const UNAUTHENTICATED: &str = "ingest needs a bearer token: send `authorization: Bearer <token>`";
 pub const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// The TraceService, ready to be added to a tonic `Server`.
@@ -66,6 +67,10 @@ where
             return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
         }
         let pipeline = self.pipeline.clone();
+        if !pipeline.ingest_token().allows_headers(request.headers()) {
+            pipeline.metrics().reject_request(RECEIVER, "unauthenticated");
+            return Box::pin(async { Ok(Status::unauthenticated(UNAUTHENTICATED).into_http()) });
+        }
         Box::pin(async move {
             let max = pipeline.limits().max_request_bytes;
             let mut grpc = tonic::server::Grpc::new(PassThrough)

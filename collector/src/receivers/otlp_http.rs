@@ -26,9 +26,12 @@ enum Encoding {
 }
 
 pub fn router(pipeline: Pipeline) -> Router {
+    let auth = (pipeline.ingest_token().clone(), pipeline.metrics().clone(), RECEIVER);
     Router::new()
         .route("/v1/traces", post(export))
         .layer(RequestDecompressionLayer::new())
+        // Outermost: a sender without the token costs no decompression.
+        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::require))
         .with_state(pipeline)
 }
 

@@ -2,7 +2,7 @@
 // a view, and renders it again when the window changes or every 30 s.
 import 'uplot/dist/uPlot.min.css';
 import './style.css';
-import { timedApi, windowParams } from './api.js';
+import { TokenRequired, login, timedApi, windowParams } from './api.js';
 import { el, notice } from './dom.js';
 
 /**
@@ -43,10 +43,35 @@ async function route() {
       else await module.render(view, early);
     }
   } catch (error) {
-    if (turn === rendering) view.replaceChildren(el('h1', {}, 'Sightline'), notice(error.message, 'bad'));
+    if (turn !== rendering) return;
+    if (error instanceof TokenRequired) view.replaceChildren(tokenForm());
+    else view.replaceChildren(el('h1', {}, 'Sightline'), notice(error.message, 'bad'));
   } finally {
     if (turn === rendering) view.removeAttribute('aria-busy');
   }
+}
+
+/** Asks for the API token; once the collector takes it, the view renders again. */
+function tokenForm() {
+  const input = el('input', { type: 'password', id: 'token', autocomplete: 'current-password', required: true });
+  const status = el('p', { class: 'muted' }, 'This collector asks for its API token (auth.api_token).');
+  const form = el(
+    'form',
+    {
+      class: 'token-form',
+      onsubmit: async (event) => {
+        event.preventDefault();
+        if (await login(input.value)) route();
+        else status.replaceChildren(notice('That token is not the API token.', 'bad'));
+      },
+    },
+    el('h1', {}, 'Sightline'),
+    status,
+    el('label', { for: 'token' }, 'API token '),
+    input,
+    el('button', { type: 'submit' }, 'Open'),
+  );
+  return form;
 }
 
 window.addEventListener('hashchange', route);

@@ -3,6 +3,8 @@
 //   node tests/browser.mjs demo  <dashboard URL> <artifacts dir>   against a running `sightline demo`
 //   node tests/browser.mjs large <dashboard URL> <artifacts dir>   against a generated topology of
 //                                                                  200 services and 2,000 edges
+//   node tests/browser.mjs token <dashboard URL> <artifacts dir>   against a collector asking for
+//                                                                  the API token in $API_TOKEN
 //
 // Screenshots go to the artifacts folder; figures are printed as `figure <name> <value>`. Exits
 // non-zero with the failed check's message.
@@ -10,8 +12,8 @@ import { mkdir } from 'node:fs/promises';
 import { chromium } from 'playwright-core';
 
 const [mode, base, artifacts] = process.argv.slice(2);
-if (!['demo', 'large'].includes(mode) || !base || !artifacts) {
-  console.error('usage: browser.mjs demo|large <dashboard URL> <artifacts dir>');
+if (!['demo', 'large', 'token'].includes(mode) || !base || !artifacts) {
+  console.error('usage: browser.mjs demo|large|token <dashboard URL> <artifacts dir>');
   process.exit(2);
 }
 await mkdir(artifacts, { recursive: true });
@@ -45,7 +47,8 @@ const shot = (name) => page.screenshot({ path: `${artifacts}/${name}.png`, fullP
 
 try {
   if (mode === 'demo') await demo();
-  else await large();
+  else if (mode === 'large') await large();
+  else await token();
   check(errors.length === 0, `no errors in the page (${errors.join('; ')})`);
 } catch (error) {
   await shot(`failed-${mode}`).catch(() => {});
@@ -54,6 +57,29 @@ try {
   process.exit(1);
 }
 await browser.close();
+
+/** A collector with an API token: the dashboard asks for it, refuses a wrong one, and shows
+ * the data once given the right one (kept in a cookie across reloads). */
+async function token() {
+  await page.goto(`${base}/#/services`);
+  await page.waitForSelector('form.token-form input#token', { timeout: 10_000 });
+  check(true, 'without the token the dashboard asks for it');
+  await shot('token-asked');
+  await page.fill('#token', 'not-the-token');
+  await page.click('form.token-form button');
+  await page.waitForSelector('form.token-form .notice.bad', { timeout: 10_000 });
+  check(true, 'a wrong token is refused');
+  await page.fill('#token', process.env.API_TOKEN);
+  await page.click('form.token-form button');
+  await page.waitForSelector('section.service-card[data-service="auth"]', { timeout: 10_000 });
+  check(true, 'with the token the services view shows the data');
+  await page.reload();
+  await page.waitForSelector('section.service-card[data-service="auth"]', { timeout: 10_000 });
+  check(true, 'the token is kept across reloads');
+  await shot('token-given');
+  // The browser reports each 401 the dashboard met before the token as a console error.
+  errors.splice(0, errors.length, ...errors.filter((e) => !e.includes('401')));
+}
 
 /** Waits for the topology's first render; returns the graph's nodes and edges as data. */
 async function openTopology(target = page) {
