@@ -130,6 +130,12 @@ pub struct ApiConfig {
     /// The built web dashboard (dashboards/web/dist), served at `/`. Unset: `dashboards/web/dist`
     /// under the working directory, else the one in the source tree this binary was built from.
     pub dashboard_dir: Option<PathBuf>,
+    /// The longest window a request may ask for (`to - from`).
+    pub max_window_days: u32,
+    /// Rows a query may answer; past it the request is refused (422) and should be narrowed.
+    pub max_result_rows: u64,
+    /// Time a query may run before it is stopped (503).
+    pub query_timeout_secs: u32,
 }
 
 /// What one request may carry. Larger requests are refused whole; oversized strings are
@@ -207,6 +213,9 @@ impl Default for ApiConfig {
         Self {
             listen: ([127, 0, 0, 1], 8480).into(),
             dashboard_dir: None,
+            max_window_days: 31,
+            max_result_rows: 100_000,
+            query_timeout_secs: 30,
         }
     }
 }

@@ -118,7 +118,8 @@ impl Collector {
         });
         let api_app = api::router(
             ApiState {
-                queries: Queries::new(client).silent_after(config.agents.silent_after_secs),
+                queries: Queries::new(api_client(&client, &config.api)).silent_after(config.agents.silent_after_secs),
+                max_window_us: u64::from(config.api.max_window_days) * 86_400 * 1_000_000,
                 metrics: metrics.clone(),
                 sampling,
                 api_token: Token::new(&config.auth.api_token),
@@ -201,6 +202,16 @@ impl Collector {
         }
         Ok(())
     }
+}
+
+/// The API's reads: ClickHouse itself refuses an answer over `max_result_rows` and stops a
+/// query past the timeout, so no request can make the API hold a huge answer or run forever.
+fn api_client(client: &clickhouse::Client, config: &crate::config::ApiConfig) -> clickhouse::Client {
+    client
+        .clone()
+        .with_setting("max_result_rows", config.max_result_rows.to_string())
+        .with_setting("result_overflow_mode", "throw")
+        .with_setting("max_execution_time", config.query_timeout_secs.to_string())
 }
 
 /// How long shutdown waits for open connections.

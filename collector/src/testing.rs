@@ -20,7 +20,9 @@ pub fn clickhouse() -> &'static ClickHouseServer {
         let root = std::env::temp_dir().join("sightline-tests");
         remove_stale_dirs(&root);
         let dir = root.join(format!("clickhouse-{}", std::process::id()));
-        ClickHouseServer::start(&dir, "").unwrap_or_else(|e| panic!("cannot start test ClickHouse: {e:#}"))
+        // Every query logged: tests check which queries the API ran (tests/api_queries.rs).
+        ClickHouseServer::start_logging_queries(&dir, "")
+            .unwrap_or_else(|e| panic!("cannot start test ClickHouse: {e:#}"))
     })
 }
 

@@ -35,6 +35,23 @@ pub struct ApiState {
     /// Asked of every route but the health checks, the login and the dashboard's files (which
     /// hold no data; the dashboard asks for the token when the API answers 401).
     pub api_token: Token,
+    /// The longest `to - from` a request may ask for.
+    pub max_window_us: u64,
+}
+
+impl ApiState {
+    /// The request's window, refused when longer than the limit.
+    fn window(&self, params: &HashMap<String, String>) -> Result<crate::query::Window, ApiError> {
+        let window = parse_window(params)?;
+        if window.to_us - window.from_us > self.max_window_us {
+            return Err(ApiError::bad_request(format!(
+                "the window is {:.1} days; at most {} days may be asked (api.max_window_days)",
+                (window.to_us - window.from_us) as f64 / 86_400e6,
+                self.max_window_us / 86_400_000_000
+            )));
+        }
+        Ok(window)
+    }
 }
 
 /// The API under `/api/v1`, `/metrics`, the health checks, and the dashboard at `/`.
@@ -58,10 +75,30 @@ pub fn router(state: ApiState, dashboard_dir: &std::path::Path) -> Router {
             "/api/{*rest}",
             axum::routing::any(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") }),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            count_refusals,
+        ))
         .layer(axum::middleware::from_fn_with_state(auth, crate::auth::require))
         .with_state(state)
         .merge(open)
         .merge(dashboard::router(dashboard_dir))
+}
+
+/// Counts the API's refusals of bad requests (400, 413, 422) by reason; 401 counts itself.
+async fn count_refusals(
+    State(metrics): State<Arc<Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    let reason = match response.status() {
+        StatusCode::BAD_REQUEST => "bad_parameter",
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNPROCESSABLE_ENTITY => "result_too_large",
+        _ => return response,
+    };
+    metrics.reject_request("api", reason);
+    response
 }
 
 #[derive(serde::Deserialize)]
@@ -106,8 +143,22 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 
-    /// A storage failure: logged in full, reported without ClickHouse's text.
+    /// A storage failure: logged in full, reported without ClickHouse's text. The API's own
+    /// limits (result size, query time), which ClickHouse enforces, are named.
     fn storage(e: clickhouse::error::Error) -> Self {
+        let text = e.to_string();
+        if text.contains("Code: 396,") {
+            return Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the answer is larger than the API allows (api.max_result_rows): narrow the window or add filters",
+            );
+        }
+        if text.contains("Code: 159,") {
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the query ran longer than the API allows (api.query_timeout_secs): narrow the window",
+            );
+        }
         error!("query failed: {e}");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -140,13 +191,13 @@ async fn set_sampling(
 }
 
 async fn services(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {
-    let window = parse_window(&params)?;
+    let window = state.window(&params)?;
     let services = state.queries.services(window).await.map_err(ApiError::storage)?;
     Ok(Json(json!({ "services": services })).into_response())
 }
 
 async fn topology(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {
-    let window = parse_window(&params)?;
+    let window = state.window(&params)?;
     let filter = params::topology_filter(&params)?;
     let topology = state
         .queries
@@ -169,7 +220,7 @@ async fn compare_with(
 ) -> Result<Response, ApiError> {
     let Json(settings) = settings.map_err(|e| ApiError::bad_request(e.body_text()))?;
     settings.check().map_err(ApiError::bad_request)?;
-    let window = parse_window(&params)?;
+    let window = state.window(&params)?;
     let scope = CompareScope {
         service: params::required(&params, "service")?,
         baseline: params::required(&params, "baseline")?,
@@ -228,7 +279,7 @@ async fn compare_with(
 }
 
 async fn transactions(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {
-    let window = parse_window(&params)?;
+    let window = state.window(&params)?;
     let service = params::service(&params)?;
     let transactions = state
         .queries
@@ -239,7 +290,7 @@ async fn transactions(State(state): State<ApiState>, Query(params): Params) -> R
 }
 
 async fn search_traces(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {
-    let window = parse_window(&params)?;
+    let window = state.window(&params)?;
     let filter = params::trace_filter(&params)?;
     let traces = state.queries.search(window, &filter).await.map_err(ApiError::storage)?;
     Ok(Json(json!({ "traces": traces })).into_response())

@@ -30,12 +30,23 @@ pub struct ClickHouseServer {
     http_port: u16,
     tcp_port: u16,
     data_dir: PathBuf,
+    log_queries: bool,
 }
 
 impl ClickHouseServer {
     /// Starts a server whose data lives in `data_dir` (created if missing; existing data is
     /// kept, so a restart finds it again). `binary` overrides the search when non-empty.
     pub fn start(data_dir: &Path, binary: &str) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, binary, false)
+    }
+
+    /// [`Self::start`], with every query recorded in `system.query_log` (for tests that check
+    /// which queries ran).
+    pub fn start_logging_queries(data_dir: &Path, binary: &str) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, binary, true)
+    }
+
+    fn start_with(data_dir: &Path, binary: &str, log_queries: bool) -> anyhow::Result<Self> {
         let binary = find_binary(binary)?;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create ClickHouse data folder {}", data_dir.display()))?;
@@ -45,7 +56,7 @@ impl ClickHouseServer {
         // A port can be taken between choosing and binding it; try a few times.
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::start_once(&binary, &data_dir) {
+            match Self::spawn(&binary, &data_dir, free_port()?, free_port()?, log_queries) {
                 Ok(server) => return Ok(server),
                 Err(e) => last_error = Some(e),
             }
@@ -53,22 +64,29 @@ impl ClickHouseServer {
         Err(last_error.expect("at least one attempt"))
     }
 
-    fn start_once(binary: &Path, data_dir: &Path) -> anyhow::Result<Self> {
-        Self::spawn(binary, data_dir, free_port()?, free_port()?)
-    }
-
     /// Stops the server and starts it again on the same ports and data, as after a crash or
     /// an upgrade: clients configured with [`Self::url`] find it again.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        *self = Self::spawn(&self.binary, &self.data_dir, self.http_port, self.tcp_port)?;
+        *self = Self::spawn(
+            &self.binary,
+            &self.data_dir,
+            self.http_port,
+            self.tcp_port,
+            self.log_queries,
+        )?;
         Ok(())
     }
 
-    fn spawn(binary: &Path, data_dir: &Path, http_port: u16, tcp_port: u16) -> anyhow::Result<Self> {
+    fn spawn(binary: &Path, data_dir: &Path, http_port: u16, tcp_port: u16, log_queries: bool) -> anyhow::Result<Self> {
         let config_path = data_dir.join("config.xml");
         std::fs::write(&config_path, server_config(data_dir, http_port, tcp_port))?;
-        std::fs::write(data_dir.join("users.xml"), USERS_XML)?;
+        let log = if log_queries {
+            "\n      <log_queries>1</log_queries>"
+        } else {
+            ""
+        };
+        std::fs::write(data_dir.join("users.xml"), USERS_XML.replace("{log_queries}", log))?;
         let _ = std::fs::remove_file(data_dir.join("server.err.log"));
         let stderr = std::fs::File::create(data_dir.join("stderr.log"))?;
 
@@ -89,6 +107,7 @@ impl ClickHouseServer {
             http_port,
             tcp_port,
             data_dir: data_dir.to_path_buf(),
+            log_queries,
         };
         server.wait_ready()?;
         Ok(server)
@@ -269,6 +288,11 @@ fn server_config(data_dir: &Path, http_port: u16, tcp_port: u16) -> String {
   <default_database>default</default_database>
   <mark_cache_size>268435456</mark_cache_size>
   <max_concurrent_queries>200</max_concurrent_queries>
+  <query_log>
+    <database>system</database>
+    <table>query_log</table>
+    <flush_interval_milliseconds>7500</flush_interval_milliseconds>
+  </query_log>
   <compression>
     <case><method>zstd</method></case>
   </compression>
@@ -281,7 +305,7 @@ const USERS_XML: &str = r#"<?xml version="1.0"?>
 <yandex>
   <profiles>
     <default>
-      <allow_experimental_low_cardinality_type>1</allow_experimental_low_cardinality_type>
+      <allow_experimental_low_cardinality_type>1</allow_experimental_low_cardinality_type>{log_queries}
     </default>
   </profiles>
   <users>
