@@ -3,7 +3,7 @@
 //! 4xx/5xx status, and storage errors are logged, never shown.
 
 pub mod dashboard;
-mod params;
+pub mod params;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

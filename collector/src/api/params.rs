@@ -218,4 +218,21 @@ mod tests {
             assert!(trace_filter(&params(&[bad])).is_err(), "{bad:?}");
         }
     }
+
+    proptest::proptest! {
+        /// Any text in any parameter is a value or a 400, never a panic; an accepted window is
+        /// ordered.
+        #[test]
+        fn any_parameter_text_is_parsed_or_refused(from in "\\PC{0,24}", to in "\\PC{0,24}", other in "\\PC{0,300}") {
+            let _ = parse_time("from", &from);
+            let query = params(&[("from", &from), ("to", &to), ("limit", &other), ("min_duration_ms", &other), ("error", &other), ("block", &other), ("service", &other)]);
+            if let Ok(window) = parse_window(&query) {
+                proptest::prop_assert!(window.from_us < window.to_us);
+                let _ = block_seconds(&query, &window);
+            }
+            let _ = trace_filter(&query);
+            let _ = topology_filter(&query);
+            let _ = service(&query);
+        }
+    }
 }

@@ -623,3 +623,81 @@ async fn insert(client: &Client, rows: &Rows, batch: BatchRange) -> clickhouse::
         Rows::Inflight(rows) => insert_rows!(client, "inflight", InflightRow, rows),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::model::{SpanKind, SpanStatus};
+
+    fn span() -> impl Strategy<Value = Span> {
+        (
+            (any::<[u8; 16]>(), 1u64.., any::<u64>(), 0u8..6, 0u8..3),
+            ("\\PC{0,12}", "\\PC{0,12}", "[a-z]{0,6}", "\\PC{0,24}"),
+            (0u64..4_000_000_000_000_000_000, 0u64..1 << 40),
+            proptest::collection::vec(("\\PC{0,8}", "\\PC{0,8}"), 0..4),
+        )
+            .prop_map(
+                |(
+                    (trace_id, span_id, parent_span_id, kind, status),
+                    (service, operation, component, bt),
+                    (start_ns, duration_ns),
+                    attributes,
+                )| Span {
+                    trace_id,
+                    span_id,
+                    parent_span_id,
+                    service,
+                    operation,
+                    component,
+                    bt,
+                    kind: SpanKind::from_otlp(i32::from(kind)),
+                    status: SpanStatus::from_otlp(i32::from(status)),
+                    start_ns,
+                    duration_ns,
+                    attributes,
+                    ..Span::default()
+                },
+            )
+    }
+
+    /// Entries in a stable order, to compare maps.
+    fn sorted<T: std::fmt::Debug>(entries: Vec<T>) -> Vec<String> {
+        let mut printed: Vec<String> = entries.iter().map(|e| format!("{e:?}")).collect();
+        printed.sort();
+        printed
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// What the writer reads back from the spool is what the pipeline wrote.
+        #[test]
+        fn a_batch_comes_back_whole_from_its_spool_record(spans in proptest::collection::vec(span(), 0..16)) {
+            let batch = WriteBatch {
+                spans: spans.clone(),
+                latency: LatencyAggregates::from_spans(&spans),
+                stages: StageAggregates::from_spans(&spans),
+                ..WriteBatch::default()
+            };
+            let mut back = WriteBatch::decode(&batch.encode()).unwrap();
+            prop_assert_eq!(&back.spans, &spans);
+            prop_assert_eq!(sorted(back.latency.drain()), sorted(LatencyAggregates::from_spans(&spans).drain()));
+            prop_assert_eq!(sorted(back.stages.drain()), sorted(StageAggregates::from_spans(&spans).drain()));
+        }
+    }
+
+    #[test]
+    fn the_ledger_covers_a_seq_only_for_the_table_and_range_written() {
+        let mut written = FxHashMap::default();
+        written.insert("spans".to_string(), vec![(10, 12), (20, 20)]);
+        written.insert("latency_1m".to_string(), vec![(10, 15)]);
+        let ledger = Ledger { written, until: 30 };
+        assert!(ledger.covers("spans", 10) && ledger.covers("spans", 12) && ledger.covers("spans", 20));
+        assert!(!ledger.covers("spans", 13) && !ledger.covers("spans", 9) && !ledger.covers("spans", 21));
+        assert!(ledger.covers("latency_1m", 14) && !ledger.covers("latency_10s", 14));
+        let ledger = Ledger { until: 11, ..ledger };
+        assert!(!ledger.covers("spans", 12), "nothing past the replay is looked up");
+    }
+}
