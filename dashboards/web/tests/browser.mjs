@@ -166,9 +166,10 @@ async function demo() {
 
 async function large() {
   // First visits, each in a fresh browser context: empty caches and a new renderer process
-  // that compiles the bundle anew. The best of two is checked, as these machines are shared.
+  // that compiles the bundle anew. The best of three is checked, as these machines are shared
+  // (single visits vary by +-30% with what else runs).
   const firstVisits = [];
-  for (let attempt = 0; attempt < 2; attempt++) {
+  for (let attempt = 0; attempt < 3; attempt++) {
     const context = await browser.newContext({ viewport: VIEWPORT });
     const fresh = await context.newPage();
     watch(fresh);
