@@ -4,6 +4,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use sightline_collector::{store, Collector};
 use sightline_tests::{
@@ -148,13 +149,8 @@ async fn hostile_values_in_every_parameter_run_only_the_intended_queries() {
     let collector = Collector::start(config.clone()).await.unwrap();
     let api = format!("http://{}", collector.api_addr);
     let admin = store::client(&config.clickhouse.url, "system", &config.clickhouse);
-    let mut client =
-        opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient::connect(format!(
-            "http://{}",
-            collector.grpc_addr
-        ))
-        .await
-        .unwrap();
+    let grpc = format!("http://{}", collector.grpc_addr);
+    let mut client = TraceServiceClient::connect(grpc).await.unwrap();
     send_version(&mut client, "chat", "1.0", chat_blocks(1_700_000_000, 3, 4, 20)).await;
     send_version(&mut client, "chat", "2.0", chat_blocks(1_700_000_000, 3, 4, 40)).await;
     let data = store::client(&config.clickhouse.url, &config.clickhouse.database, &config.clickhouse);

@@ -2,9 +2,10 @@
 //! sustained load, and ClickHouse stopped for a minute under load. Senders are real OTLP/HTTP
 //! clients; a span counts as acknowledged when its request was answered 200.
 
+mod common;
+
 use std::{
     collections::HashSet,
-    net::TcpListener,
     path::Path,
     process::{Child, Command, Stdio},
     sync::{
@@ -15,6 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use common::free_port;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use opentelemetry_proto::tonic::{
@@ -25,10 +27,6 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 use sightline_collector::{store::launcher::ClickHouseServer, testing};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// `sightline serve` as a separate process, so that it can be killed for real.
 struct Serve {
@@ -106,20 +104,7 @@ impl Drop for Serve {
 }
 
 async fn http(method: &str, url: &str, body: Vec<u8>) -> Option<(u16, String)> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let request = http::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/x-protobuf")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
-        .await
-        .ok()?
-        .ok()?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.ok()?.to_bytes();
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
+    common::http(method, url, "application/x-protobuf", body).await
 }
 
 /// One request of `n` root server spans (one trace each) with span ids from `next_id`.

@@ -1,20 +1,15 @@
 //! `sightline serve` as a user runs it: a private ClickHouse in the data folder, data that
 //! survives a restart, and a clean stop on SIGTERM.
 
+mod common;
+
 use std::{
-    net::TcpListener,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::free_port;
 
 struct Serve {
     child: Child,
@@ -60,17 +55,7 @@ impl Drop for Serve {
 }
 
 async fn http(method: &str, url: &str, body: &str) -> Option<(u16, String)> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let request = http::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let response = client.request(request).await.ok()?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.ok()?.to_bytes();
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
+    common::http(method, url, "application/json", body.as_bytes().to_vec()).await
 }
 
 async fn wait_for(url: &str, status: u16) -> String {

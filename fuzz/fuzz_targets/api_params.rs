@@ -8,7 +8,9 @@ use libfuzzer_sys::fuzz_target;
 use sightline_collector::api::params;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(query) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(data) else { return };
+    let Ok(query) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(data) else {
+        return;
+    };
     let query: HashMap<String, String> = query.into_iter().collect();
     if let Ok(window) = params::parse_window(&query) {
         assert!(window.from_us < window.to_us);

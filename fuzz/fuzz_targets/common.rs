@@ -22,7 +22,13 @@ pub fn pipeline() -> &'static Pipeline {
                 ..SpoolConfig::default()
             };
             let (spool, feed) = appender::start(dir.path(), &config, 1024, metrics.clone()).expect("spool");
-            let pipeline = Pipeline::new(Limits::default(), &EdgesConfig::default(), metrics, spool, Token::default());
+            let pipeline = Pipeline::new(
+                Limits::default(),
+                &EdgesConfig::default(),
+                metrics,
+                spool,
+                Token::default(),
+            );
             (pipeline, feed, dir)
         })
         .0

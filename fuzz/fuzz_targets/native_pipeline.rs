@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
         rest = next;
         let Ok(batch) = Batch::decode(message) else { continue };
         // A broken stream ends the stream: the agent starts a new one with a new dictionary.
-        if common::pipeline().ingest_native("fuzz", batch, &mut dictionary).is_err() {
+        if common::pipeline()
+            .ingest_native("fuzz", batch, &mut dictionary)
+            .is_err()
+        {
             dictionary = Dictionary::default();
         }
     }
