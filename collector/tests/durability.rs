@@ -204,6 +204,41 @@ impl Load {
     }
 }
 
+/// A ClickHouse server of one test's own, which the test stops and starts again.
+struct OwnClickHouse(Option<ClickHouseServer>);
+
+impl OwnClickHouse {
+    fn url(&self) -> String {
+        self.0.as_ref().expect("a server").url()
+    }
+
+    /// Stops it (blocking work, off the test's runtime threads).
+    async fn stop(&mut self) {
+        let mut server = self.0.take().expect("a server");
+        self.0 = Some(
+            tokio::task::spawn_blocking(move || {
+                server.stop();
+                server
+            })
+            .await
+            .unwrap(),
+        );
+    }
+
+    /// Starts it again on the same ports and data.
+    async fn start(&mut self) {
+        let mut server = self.0.take().expect("a server");
+        self.0 = Some(
+            tokio::task::spawn_blocking(move || {
+                server.restart().unwrap();
+                server
+            })
+            .await
+            .unwrap(),
+        );
+    }
+}
+
 async fn sum(client: &clickhouse::Client, sql: &str) -> u64 {
     client.query(sql).fetch_one::<u64>().await.unwrap()
 }
@@ -294,7 +329,7 @@ async fn kill_9_under_load_then_restart_loses_nothing_acknowledged_and_counts_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_away_for_a_minute_under_load_loses_nothing_and_memory_stays_bounded() {
     let ch_data = tempfile::tempdir().unwrap();
-    let mut server = ClickHouseServer::start(ch_data.path(), "").unwrap();
+    let mut server = OwnClickHouse(Some(ClickHouseServer::start(ch_data.path(), "").unwrap()));
     let url = server.url();
     let database = testing::fresh_database("outage");
     let data = tempfile::tempdir().unwrap();
@@ -311,12 +346,7 @@ async fn clickhouse_away_for_a_minute_under_load_loses_nothing_and_memory_stays_
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_before = serve.rss_mib();
 
-    server = tokio::task::spawn_blocking(move || {
-        server.stop();
-        server
-    })
-    .await
-    .unwrap();
+    server.stop().await;
     let outage = Instant::now();
     let (mut rss_max, mut spool_max) = (rss_before, 0.0f64);
     let acked_before = load.acked.lock().unwrap().len();
@@ -326,12 +356,7 @@ async fn clickhouse_away_for_a_minute_under_load_loses_nothing_and_memory_stays_
         spool_max = spool_max.max(serve.metric("sightline_spool_bytes").await);
     }
     let acked_during = load.acked.lock().unwrap().len() - acked_before;
-    let mut server = tokio::task::spawn_blocking(move || {
-        server.restart().unwrap();
-        server
-    })
-    .await
-    .unwrap();
+    server.start().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (acked, refused) = load.finish().await;
 
@@ -381,13 +406,13 @@ async fn clickhouse_away_for_a_minute_under_load_loses_nothing_and_memory_stays_
         "collector memory grew from {rss_before:.0} to {rss_max:.0} MiB"
     );
     serve.stop();
-    tokio::task::spawn_blocking(move || server.stop()).await.unwrap();
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_refuses_with_429_acknowledges_nothing_refused_and_recovers() {
     let ch_data = tempfile::tempdir().unwrap();
-    let mut server = ClickHouseServer::start(ch_data.path(), "").unwrap();
+    let mut server = OwnClickHouse(Some(ClickHouseServer::start(ch_data.path(), "").unwrap()));
     let url = server.url();
     let database = testing::fresh_database("spool_full");
     let data = tempfile::tempdir().unwrap();
@@ -401,12 +426,7 @@ async fn a_full_spool_refuses_with_429_acknowledges_nothing_refused_and_recovers
         ],
     );
     serve.wait_ready().await;
-    server = tokio::task::spawn_blocking(move || {
-        server.stop();
-        server
-    })
-    .await
-    .unwrap();
+    server.stop().await;
 
     // With ClickHouse away, requests fill the spool until it refuses them.
     let traces = format!("http://127.0.0.1:{}/v1/traces", serve.http);
@@ -454,12 +474,7 @@ async fn a_full_spool_refuses_with_429_acknowledges_nothing_refused_and_recovers
     let spooled = serve.metric("sightline_spool_bytes").await;
     assert!(spooled <= 2097152.0, "the spool kept to its bound ({spooled} bytes)");
 
-    let mut server = tokio::task::spawn_blocking(move || {
-        server.restart().unwrap();
-        server
-    })
-    .await
-    .unwrap();
+    server.start().await;
     // Once ClickHouse has the spooled batches, the spool takes new ones again.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -479,5 +494,5 @@ async fn a_full_spool_refuses_with_429_acknowledges_nothing_refused_and_recovers
         acked.len()
     );
     serve.stop();
-    tokio::task::spawn_blocking(move || server.stop()).await.unwrap();
+    server.stop().await;
 }
