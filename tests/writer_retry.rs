@@ -1,7 +1,14 @@
 //! ClickHouse goes away and comes back: the writer keeps the rows it was given, retries with
 //! backoff, and writes them once the server answers again; /readyz tells the truth meanwhile.
 
-use std::time::Duration;
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use sightline_collector::{store::launcher::ClickHouseServer, Collector};
@@ -9,6 +16,10 @@ use sightline_tests::{
     eventually, get, metric,
     otlp::{request, span, trace_id},
     testing,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,4 +94,138 @@ async fn writer_retries_until_clickhouse_returns_and_loses_nothing() {
     assert_eq!(metric(&text, "sightline_written_rows_total{table=\"spans\"}"), 2.0);
     collector.shutdown().await.unwrap();
     tokio::task::spawn_blocking(move || server.stop()).await.unwrap();
+}
+
+/// A TCP relay to ClickHouse that can lose every answer: the request reaches the server (an
+/// INSERT commits), the connection is cut at the first byte of the response.
+struct AnswerLosingRelay {
+    addr: SocketAddr,
+    lose_answers: Arc<AtomicBool>,
+}
+
+impl AnswerLosingRelay {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lose_answers = Arc::new(AtomicBool::new(false));
+        let lose = lose_answers.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let lose = lose.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let requests = tokio::io::copy(&mut client_read, &mut server_write);
+                    let answers = async {
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = server_read.read(&mut buffer).await.unwrap_or(0);
+                            if n == 0 || lose.load(Ordering::SeqCst) {
+                                return;
+                            }
+                            if client_write.write_all(&buffer[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    // Either side ending drops both connections.
+                    tokio::select! {
+                        _ = requests => {}
+                        _ = answers => {}
+                    }
+                });
+            }
+        });
+        Self { addr, lose_answers }
+    }
+}
+
+async fn count(client: &clickhouse::Client, sql: &str) -> u64 {
+    client.query(sql).fetch_one::<u64>().await.unwrap()
+}
+
+/// The answer to an INSERT that ClickHouse committed never arrives: the writer must not write
+/// those rows again (a lost answer looks like any other network error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_whose_answer_is_lost_is_not_written_twice() {
+    let mut config = testing::config("lost_answer");
+    let direct =
+        sightline_collector::store::client(&config.clickhouse.url, &config.clickhouse.database, &config.clickhouse);
+    let upstream: SocketAddr = config.clickhouse.url.trim_start_matches("http://").parse().unwrap();
+    let relay = AnswerLosingRelay::start(upstream).await;
+    config.clickhouse.url = format!("http://{}", relay.addr);
+    let collector = Collector::start(config).await.unwrap();
+    let api = format!("http://{}", collector.api_addr);
+    let mut client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))
+        .await
+        .unwrap();
+    let metrics = || async { String::from_utf8(get(&format!("{api}/metrics")).await.body.to_vec()).unwrap() };
+
+    let first = trace_id();
+    client
+        .export(request("chat", vec![span(&first, 1, "AcceptChat", 5, vec![])]))
+        .await
+        .unwrap();
+    eventually("the first span stored", Duration::from_secs(20), || async {
+        (count(&direct, "SELECT count() FROM spans").await == 1).then_some(())
+    })
+    .await;
+
+    relay.lose_answers.store(true, Ordering::SeqCst);
+    let second = trace_id();
+    client
+        .export(request("chat", vec![span(&second, 2, "AcceptChat", 7, vec![])]))
+        .await
+        .unwrap();
+    eventually(
+        "the second span committed, its answer lost",
+        Duration::from_secs(20),
+        || async {
+            let failed = metric(&metrics().await, "sightline_insert_failures_total{table=\"spans\"}");
+            (failed >= 1.0 && count(&direct, "SELECT count() FROM spans").await >= 2).then_some(())
+        },
+    )
+    .await;
+    // Long enough for several retries while answers are still lost.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    relay.lose_answers.store(false, Ordering::SeqCst);
+    eventually("the writer sees the rows written", Duration::from_secs(30), || async {
+        (metric(&metrics().await, "sightline_written_rows_total{table=\"spans\"}") == 2.0).then_some(())
+    })
+    .await;
+    // Aggregates go through their own inserters: give them the same chance to finish.
+    eventually("latency_1m written", Duration::from_secs(30), || async {
+        (count(&direct, "SELECT toUInt64(sum(calls)) FROM latency_1m").await >= 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    assert_eq!(
+        count(&direct, "SELECT count() FROM spans").await,
+        2,
+        "a span written twice"
+    );
+    assert_eq!(
+        count(&direct, "SELECT toUInt64(sum(calls)) FROM latency_1m").await,
+        2,
+        "calls counted twice"
+    );
+    assert_eq!(
+        count(
+            &direct,
+            "SELECT count() - uniqExact(target, batch_lo, batch_hi) FROM write_ledger"
+        )
+        .await,
+        0,
+        "a batch recorded twice in the ledger"
+    );
+    let text = metrics().await;
+    assert_eq!(
+        metric(&text, "sightline_dropped_spans_total{reason=\"insert_failed\"}"),
+        0.0
+    );
+    collector.shutdown().await.unwrap();
 }

@@ -508,6 +508,37 @@ async fn inserter(
         let mut attempt = 0;
         let done = loop {
             attempt += 1;
+            // Any failed attempt may have reached ClickHouse (a connection lost after the rows
+            // were taken, a server stopped after its commit): before trying again, ask the
+            // ledger, and do not insert until it can answer.
+            if attempt > 1 && job.rows.ledgered() {
+                match in_ledger(&client, table, job.range).await {
+                    Ok(true) => {
+                        metrics.written_rows.get_or_create(&label).inc_by(rows as u64);
+                        break true;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        if draining.load(Ordering::Relaxed) {
+                            warn!(
+                                table,
+                                rows, "ClickHouse unreachable at shutdown; left in the spool: {e}"
+                            );
+                            break false;
+                        }
+                        let wait = backoff(attempt);
+                        warn!(
+                            table,
+                            rows,
+                            attempt,
+                            ?wait,
+                            "cannot read the write ledger, retrying: {e}"
+                        );
+                        sleep(wait).await;
+                        continue;
+                    }
+                }
+            }
             let started = std::time::Instant::now();
             let Err(e) = insert(&client, &job.rows, job.range).await else {
                 metrics
@@ -519,11 +550,6 @@ async fn inserter(
             };
             metrics.insert_failures.get_or_create(&label).inc();
             let transient = is_transient(&e);
-            // A timeout or a lost connection may come after ClickHouse took the rows.
-            if transient && job.rows.ledgered() && in_ledger(&client, table, job.range).await {
-                metrics.written_rows.get_or_create(&label).inc_by(rows as u64);
-                break true;
-            }
             if transient && draining.load(Ordering::Relaxed) {
                 // Shutting down with ClickHouse away: the rows stay in the spool for the next run.
                 warn!(
@@ -557,8 +583,8 @@ async fn inserter(
     }
 }
 
-/// Whether the ledger records `range` as written to `table` (false when it cannot tell).
-async fn in_ledger(client: &Client, table: &str, range: BatchRange) -> bool {
+/// Whether the ledger records `range` as written to `table`.
+async fn in_ledger(client: &Client, table: &str, range: BatchRange) -> clickhouse::error::Result<bool> {
     client
         .query("SELECT count() FROM write_ledger WHERE target = ? AND batch_lo = ? AND batch_hi = ?")
         .bind(table)
@@ -566,7 +592,7 @@ async fn in_ledger(client: &Client, table: &str, range: BatchRange) -> bool {
         .bind(range.hi)
         .fetch_one::<u64>()
         .await
-        .is_ok_and(|n| n > 0)
+        .map(|n| n > 0)
 }
 
 const INSERT_TIMEOUT: Option<Duration> = Some(Duration::from_secs(60));
