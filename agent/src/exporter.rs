@@ -86,20 +86,34 @@ impl Pending {
     }
 }
 
-/// The memory a pending span holds: its record and the strings it owns.
+/// What the allocator takes for a block of `size` bytes: malloc's 8-byte header, rounded to
+/// 16, at least 32 (glibc's chunks; other allocators' size classes are no smaller). Counting
+/// requested sizes alone put the agent's real memory at twice its cap.
+fn heap(size: usize) -> usize {
+    if size == 0 {
+        0
+    } else {
+        (size + 8).next_multiple_of(16).max(32)
+    }
+}
+
+/// The memory a pending span holds: its record and every block it owns.
 fn span_bytes(span: &Finished) -> usize {
     let owned = |name: &Name| match name {
-        Name::Owned(s) => s.capacity(),
+        Name::Owned(s) => heap(s.capacity()),
         Name::Borrowed(_) => 0,
     };
     let detail = span.detail.as_ref().map_or(0, |d| {
-        std::mem::size_of::<Detail>()
-            + d.error.as_ref().map_or(0, |(t, m)| owned(t) + m.capacity())
+        heap(std::mem::size_of::<Detail>())
+            + d.error.as_ref().map_or(0, |(t, m)| owned(t) + heap(m.capacity()))
+            + heap(d.attributes.capacity() * std::mem::size_of::<(Name, String)>())
             + d.attributes
                 .iter()
-                .map(|(k, v)| std::mem::size_of::<(Name, String)>() + owned(k) + v.capacity())
+                .map(|(k, v)| owned(k) + heap(v.capacity()))
                 .sum::<usize>()
-            + d.caller.as_ref().map_or(0, |(s, o)| s.capacity() + o.capacity())
+            + d.caller
+                .as_ref()
+                .map_or(0, |(s, o)| heap(s.capacity()) + heap(o.capacity()))
     });
     std::mem::size_of::<Finished>() + owned(&span.operation) + owned(&span.component) + owned(&span.peer) + detail
 }
@@ -508,6 +522,9 @@ impl Exporter {
         if incoming.is_empty() {
             return;
         }
+        // Held for as long as the collector is away: no spare capacity (a vector grown by
+        // pushes has up to twice what it holds).
+        incoming.shrink_to_fit();
         let incoming = Pending::new(0, incoming, Vec::new());
         self.pending_spans += incoming.spans.len();
         self.pending_bytes += incoming.bytes;
@@ -528,6 +545,7 @@ impl Exporter {
                 cut_bytes += span_bytes(span);
             }
             oldest.spans.drain(..cut);
+            oldest.spans.shrink_to_fit();
             oldest.bytes -= cut_bytes;
             self.pending_spans -= cut;
             self.pending_bytes -= cut_bytes;
@@ -552,9 +570,14 @@ impl Exporter {
         }
         let mut histograms = self.red.drain();
         let mut batches = Vec::new();
-        while !spans.is_empty() || !histograms.is_empty() {
-            let rest = spans.split_off(spans.len().min(MAX_BATCH_SPANS));
-            let chunk = std::mem::replace(&mut spans, rest);
+        let mut spans = spans.into_iter();
+        loop {
+            // Each batch sized to what it holds (`split_off` would leave the first batch with
+            // the capacity of all of them until it is acknowledged).
+            let chunk: Vec<Finished> = spans.by_ref().take(MAX_BATCH_SPANS).collect();
+            if chunk.is_empty() && histograms.is_empty() {
+                break;
+            }
             self.next_batch_id += 1;
             self.sent_spans += chunk.len() as u64;
             batches.push(Pending::new(self.next_batch_id, chunk, std::mem::take(&mut histograms)));
