@@ -169,8 +169,19 @@ async fn an_insert_whose_answer_is_lost_is_not_written_twice() {
         .export(request("chat", vec![span(&first, 1, "AcceptChat", 5, vec![])]))
         .await
         .unwrap();
-    eventually("the first span stored", Duration::from_secs(20), || async {
-        (count(&direct, "SELECT count() FROM spans").await == 1).then_some(())
+    // Every table of the first flush written and its answer received: an answer lost later
+    // would hold the writer back before it reaches the second span.
+    eventually("the first flush written whole", Duration::from_secs(20), || async {
+        let text = metrics().await;
+        let targets: Vec<String> = direct
+            .query("SELECT DISTINCT toString(target) FROM write_ledger")
+            .fetch_all()
+            .await
+            .unwrap();
+        let answered = targets
+            .iter()
+            .all(|t| metric(&text, &format!("sightline_written_rows_total{{table=\"{t}\"}}")) >= 1.0);
+        (count(&direct, "SELECT count() FROM spans").await == 1 && targets.len() >= 2 && answered).then_some(())
     })
     .await;
 

@@ -27,6 +27,20 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// Resident memory of `pid` in MiB: (all of it, the anonymous part: heap and stacks); zeros
+/// once the process is gone.
+pub fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
 /// The release `sightline` binary next to the running tool.
 pub fn collector_binary() -> anyhow::Result<PathBuf> {
     let binary = std::env::current_exe()?.with_file_name("sightline");

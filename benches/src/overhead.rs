@@ -20,7 +20,7 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use sightline_benches::{collector_binary, cpu_seconds, data_dir_env, CollectorProcess};
+use sightline_benches::{collector_binary, cpu_seconds, data_dir_env, rss_mib, CollectorProcess};
 
 #[derive(Parser)]
 #[command(about = "Service latency and CPU with and without the sightline agent")]
@@ -64,6 +64,10 @@ struct Outcome {
     p99_us: f64,
     cpu_cores: f64,
     errors: u64,
+    /// The service's resident memory: highest reading, and the mean of the measured period's
+    /// last tenth (a rise to the end is an agent holding more and more).
+    rss_peak_mib: f64,
+    rss_end_mib: f64,
 }
 
 /// Open-loop load: request i is sent at start + i/rate; its latency counts from its send.
@@ -133,8 +137,28 @@ async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::
     load(&url, args.rate, Duration::from_secs(args.warmup)).await;
     let cpu = cpu_seconds(service.0.id());
     let started = Instant::now();
+    let pid = service.0.id();
+    let readings = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rss_sampler = tokio::spawn({
+        let readings = readings.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                readings.lock().expect("sampler").push(rss_mib(pid).0);
+            }
+        }
+    });
     let (mut latencies, errors) = load(&url, args.rate, Duration::from_secs(args.seconds)).await;
     let cpu_cores = (cpu_seconds(service.0.id()) - cpu) / started.elapsed().as_secs_f64();
+    rss_sampler.abort();
+    let mut readings = std::mem::take(&mut *readings.lock().expect("sampler"));
+    if readings.is_empty() {
+        readings.push(rss_mib(pid).0);
+    }
+    let last_tenth = &readings[readings.len() - (readings.len() / 10).max(1)..];
+    let rss_end_mib = last_tenth.iter().sum::<f64>() / last_tenth.len() as f64;
+    let rss_peak_mib = readings.iter().copied().fold(0.0, f64::max);
     latencies.sort_unstable();
     let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize] as f64;
     Ok(Outcome {
@@ -142,6 +166,8 @@ async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::
         p99_us: pct(0.99),
         cpu_cores,
         errors,
+        rss_peak_mib,
+        rss_end_mib,
     })
 }
 
@@ -157,6 +183,8 @@ fn median(outcomes: &[Outcome]) -> Outcome {
         p99_us: of(|o| o.p99_us),
         cpu_cores: of(|o| o.cpu_cores),
         errors: outcomes.iter().map(|o| o.errors).sum(),
+        rss_peak_mib: of(|o| o.rss_peak_mib),
+        rss_end_mib: of(|o| o.rss_end_mib),
     }
 }
 
@@ -205,8 +233,9 @@ async fn main() -> anyhow::Result<()> {
         let agent = run(&binary, Some(args.agent_collector.as_deref().unwrap_or(&grpc)), &args).await?;
         for (name, o) in [("bare", &bare), ("agent", &agent)] {
             println!(
-                "  round {round} {name:5}  p50 {:7.0} us  p99 {:7.0} us  service CPU {:.4} cores  errors {}",
-                o.p50_us, o.p99_us, o.cpu_cores, o.errors
+                "  round {round} {name:5}  p50 {:7.0} us  p99 {:7.0} us  service CPU {:.4} cores  errors {}  \
+                 RSS peak {:.1} MiB, at the end {:.1} MiB",
+                o.p50_us, o.p99_us, o.cpu_cores, o.errors, o.rss_peak_mib, o.rss_end_mib
             );
         }
         bares.push(bare);
@@ -215,8 +244,8 @@ async fn main() -> anyhow::Result<()> {
     let (bare, agent) = (median(&bares), median(&agents));
     for (name, o) in [("bare", &bare), ("agent", &agent)] {
         println!(
-            "  median {name:5}  p50 {:7.0} us  p99 {:7.0} us  service CPU {:.4} cores",
-            o.p50_us, o.p99_us, o.cpu_cores
+            "  median {name:5}  p50 {:7.0} us  p99 {:7.0} us  service CPU {:.4} cores  RSS peak {:.1} MiB",
+            o.p50_us, o.p99_us, o.cpu_cores, o.rss_peak_mib
         );
     }
     println!(

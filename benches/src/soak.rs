@@ -22,7 +22,7 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
     trace::v1::{ResourceSpans, ScopeSpans, Span},
 };
-use sightline_benches::{collector_binary, CollectorProcess};
+use sightline_benches::{collector_binary, rss_mib, CollectorProcess};
 use sightline_collector::store::launcher::ClickHouseServer;
 
 #[derive(Parser)]
@@ -38,7 +38,8 @@ struct Args {
     /// Concurrent gRPC connections.
     #[arg(long, default_value_t = 4)]
     senders: usize,
-    /// Seconds between samples.
+    /// Seconds between printed lines (RSS is read every second; a line shows the mean since
+    /// the last one).
     #[arg(long, default_value_t = 30)]
     sample_secs: u64,
     /// Samples before this many minutes are the warm-up: not counted in the RSS band.
@@ -106,13 +107,29 @@ fn request(first: u64, n: u64, now_ns: u64) -> ExportTraceServiceRequest {
     }
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+/// One RSS reading a second, from its own task: a reading every 30 s would be one point of
+/// the sawtooth each 50k-span flush draws, and a few unlucky points move a mean by MiBs.
+fn sample_rss(pid: u32, started: Instant) -> Arc<std::sync::Mutex<Vec<(f64, f64, f64)>>> {
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = samples.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let (rss, anon) = rss_mib(pid);
+            if rss == 0.0 {
+                return;
+            }
+            let minutes = started.elapsed().as_secs_f64() / 60.0;
+            out.lock().expect("sampler").push((minutes, rss, anon));
+        }
+    });
+    samples
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    sum / n.max(1) as f64
 }
 
 async fn metric(api: u16, sample: &str) -> f64 {
@@ -190,13 +207,14 @@ async fn main() -> anyhow::Result<()> {
     drop(rx);
 
     let started = Instant::now();
+    let rss_samples = sample_rss(pid, started);
     let total = Duration::from_secs_f64(args.minutes * 60.0);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / requests_per_sec));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut next_id = 1u64;
     let mut next_sample = Duration::from_secs(args.sample_secs);
-    let mut samples: Vec<(f64, f64)> = Vec::new();
     let mut last_acked = 0;
+    let mut printed_samples = 0;
     while started.elapsed() < total {
         tick.tick().await;
         if tx.try_send(next_id).is_err() {
@@ -209,18 +227,22 @@ async fn main() -> anyhow::Result<()> {
         next_id += args.spans_per_request;
         if started.elapsed() >= next_sample {
             let minutes = started.elapsed().as_secs_f64() / 60.0;
-            let rss = rss_mib(pid);
+            let (rss, anon) = {
+                let samples = rss_samples.lock().expect("sampler");
+                let since = &samples[printed_samples.min(samples.len())..];
+                printed_samples = samples.len();
+                (mean(since.iter().map(|s| s.1)), mean(since.iter().map(|s| s.2)))
+            };
             let now_acked = acked.load(Ordering::Relaxed);
             let spool = metric(collector.api, "sightline_spool_bytes").await / 1048576.0;
             println!(
-                "t={minutes:5.1} min  rss {rss:6.1} MiB  spool {spool:6.1} MiB  acked {now_acked:>11}  \
-                 ({:.0} spans/s)  refused {}  late {}",
+                "t={minutes:5.1} min  rss {rss:6.1} MiB (anon {anon:6.1})  spool {spool:6.1} MiB  \
+                 acked {now_acked:>11}  ({:.0} spans/s)  refused {}  late {}",
                 (now_acked - last_acked) as f64 / args.sample_secs as f64,
                 refused.load(Ordering::Relaxed),
                 late.load(Ordering::Relaxed)
             );
             last_acked = now_acked;
-            samples.push((minutes, rss));
             next_sample += Duration::from_secs(args.sample_secs);
         }
     }
@@ -242,19 +264,23 @@ async fn main() -> anyhow::Result<()> {
     };
     let unique: u64 = client.query("SELECT uniqExact(span_id) FROM spans").fetch_one().await?;
     let latency_calls: u64 = client.query("SELECT sum(calls) FROM latency_1m").fetch_one().await?;
-    let steady: Vec<f64> = samples
+    let steady: Vec<(f64, f64, f64)> = rss_samples
+        .lock()
+        .expect("sampler")
         .iter()
-        .filter(|(m, _)| *m >= args.warmup_minutes)
-        .map(|(_, r)| *r)
+        .filter(|(m, _, _)| *m >= args.warmup_minutes && *m * 60.0 <= elapsed)
+        .copied()
         .collect();
     let (low, high) = steady
         .iter()
-        .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
-    // Flat: no drift from the first minutes after the warm-up to the last ones. Single samples
-    // move with the allocator's caching around each 50k-span flush; their means do not.
+        .fold((f64::MAX, 0.0f64), |(lo, hi), s| (lo.min(s.1), hi.max(s.1)));
+    // Flat: no drift from the first quarter after the warm-up to the last one. Single readings
+    // move with the allocator's caching around each 50k-span flush; means of minutes do not.
     let window = (steady.len() / 4).max(1);
-    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len().max(1) as f64;
-    let (early, late_rss) = (mean(&steady[..window]), mean(&steady[steady.len() - window..]));
+    let early = mean(steady[..window].iter().map(|s| s.1));
+    let late_rss = mean(steady[steady.len() - window..].iter().map(|s| s.1));
+    let early_anon = mean(steady[..window].iter().map(|s| s.2));
+    let late_anon = mean(steady[steady.len() - window..].iter().map(|s| s.2));
     let drift = (late_rss - early) / early;
     println!(
         "result: {:.0} min, {acked} spans acknowledged ({:.0}/s), {refused} refused, {} requests late; \
@@ -264,8 +290,9 @@ async fn main() -> anyhow::Result<()> {
         late.load(Ordering::Relaxed)
     );
     println!(
-        "rss after warm-up: {low:.1}..{high:.1} MiB over {} samples; mean of the first {window} {early:.1} MiB, \
-         of the last {window} {late_rss:.1} MiB: drift {:+.1}%",
+        "rss after warm-up: {low:.1}..{high:.1} MiB over {} one-second readings; mean of the first quarter \
+         {early:.1} MiB (anon {early_anon:.1}), of the last quarter {late_rss:.1} MiB (anon {late_anon:.1}): \
+         drift {:+.1}%",
         steady.len(),
         drift * 100.0
     );

@@ -23,6 +23,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub agents: AgentsConfig,
     pub edges: EdgesConfig,
+    /// SLOs, baselines, detectors and webhooks (crate::alerts).
+    pub alerts: crate::alerts::evaluator::AlertsConfig,
 }
 
 /// Bearer tokens (`Authorization: Bearer <token>`); empty: no token asked.
@@ -182,6 +184,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             agents: AgentsConfig::default(),
             edges: EdgesConfig::default(),
+            alerts: Default::default(),
         }
     }
 }
@@ -298,6 +301,7 @@ impl Config {
             .sampling
             .check()
             .map_err(|e| anyhow::anyhow!("agents.sampling: {e}"))?;
+        self.alerts.check().map_err(|e| anyhow::anyhow!("alerts: {e}"))?;
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! protocol), validates and enriches them, writes them to ClickHouse, and serves
 //! them back over an HTTP API. See `docs/architecture.md` for the way a span takes.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod config;

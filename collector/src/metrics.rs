@@ -30,6 +30,11 @@ pub struct AgentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TableLabel {
     pub table: &'static str,
 }
@@ -77,6 +82,16 @@ pub struct Metrics {
     pub spool_corrupt_records: Counter,
     /// Batches replayed from the spool whose rows the write ledger showed already written.
     pub replay_skipped: Family<TableLabel, Counter>,
+    /// Alert evaluations, by outcome (ok, failed).
+    pub alert_evaluations: Family<OutcomeLabel, Counter>,
+    /// Seconds since the last complete alert evaluation.
+    pub alert_evaluation_lag_seconds: Gauge,
+    pub alerts_firing: Gauge,
+    /// Webhook messages by outcome: delivered, retried (one per failed attempt), refused
+    /// (given up after the receiver refused it), dropped (queue full).
+    pub webhook_messages: Family<OutcomeLabel, Counter>,
+    /// Messages waiting for their webhook.
+    pub webhook_queue: Gauge,
 }
 
 impl Metrics {
@@ -107,6 +122,11 @@ impl Metrics {
             spool_refused_batches: Counter::default(),
             spool_corrupt_records: Counter::default(),
             replay_skipped: Family::default(),
+            alert_evaluations: Family::default(),
+            alert_evaluation_lag_seconds: Gauge::default(),
+            alerts_firing: Gauge::default(),
+            webhook_messages: Family::default(),
+            webhook_queue: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -218,6 +238,27 @@ impl Metrics {
             "replay_skipped",
             "Replayed batch parts already in ClickHouse by the write ledger, by table",
             metrics.replay_skipped.clone(),
+        );
+        registry.register(
+            "alert_evaluations",
+            "Alert evaluations, by outcome",
+            metrics.alert_evaluations.clone(),
+        );
+        registry.register(
+            "alert_evaluation_lag_seconds",
+            "Seconds since the last complete alert evaluation",
+            metrics.alert_evaluation_lag_seconds.clone(),
+        );
+        registry.register("alerts_firing", "Alerts firing now", metrics.alerts_firing.clone());
+        registry.register(
+            "webhook_messages",
+            "Webhook messages by outcome (delivered, retried, refused, dropped)",
+            metrics.webhook_messages.clone(),
+        );
+        registry.register(
+            "webhook_queue",
+            "Webhook messages waiting for their receiver",
+            metrics.webhook_queue.clone(),
         );
         Self { registry, ..metrics }
     }

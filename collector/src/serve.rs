@@ -116,8 +116,16 @@ impl Collector {
                 .with_graceful_shutdown(signal(stopped))
                 .await?)
         });
+        let alerts = crate::alerts::evaluator::start(
+            Queries::new(client.clone()).silent_after(config.agents.silent_after_secs),
+            config.alerts.clone(),
+            metrics.clone(),
+            &mut background,
+        )
+        .await;
         let api_app = api::router(
             ApiState {
+                alerts,
                 queries: Queries::new(api_client(&client, &config.api)).silent_after(config.agents.silent_after_secs),
                 max_window_us: u64::from(config.api.max_window_days) * 86_400 * 1_000_000,
                 metrics: metrics.clone(),

@@ -348,3 +348,73 @@ pub async fn browser_test_with(mode: &str, url: &str, env: &[(&str, &str)]) -> S
     );
     text
 }
+
+/// A webhook receiver for alert notifications: a real HTTP server that records every message
+/// it accepts, and answers 503 (taking nothing) while told to be down.
+pub mod webhook {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    };
+
+    use axum::{extract::State, http::StatusCode, routing::post, Json, Router};
+
+    #[derive(Default)]
+    pub struct Inbox {
+        pub messages: Mutex<Vec<serde_json::Value>>,
+        pub down: AtomicBool,
+        /// Requests refused while down.
+        pub refused: AtomicU64,
+    }
+
+    impl Inbox {
+        /// Every event received so far: (change, alert), in arrival order.
+        pub fn events(&self) -> Vec<(String, serde_json::Value)> {
+            self.messages
+                .lock()
+                .unwrap()
+                .iter()
+                .flat_map(|m| m["events"].as_array().cloned().unwrap_or_default())
+                .map(|e| (e["change"].as_str().unwrap_or("").to_string(), e["alert"].clone()))
+                .collect()
+        }
+
+        /// The first event of `kind` with `change` (firing, changed, resolved) whose alert
+        /// satisfies `matches`.
+        pub fn find(
+            &self,
+            change: &str,
+            kind: &str,
+            matches: impl Fn(&serde_json::Value) -> bool,
+        ) -> Option<serde_json::Value> {
+            self.events()
+                .into_iter()
+                .find(|(c, a)| c == change && a["kind"] == kind && matches(a))
+                .map(|(_, a)| a)
+        }
+    }
+
+    /// Starts the receiver; its URL is `http://{addr}/hook`.
+    pub async fn start() -> (String, Arc<Inbox>) {
+        let inbox = Arc::new(Inbox::default());
+        let app = Router::new()
+            .route(
+                "/hook",
+                post(
+                    |State(inbox): State<Arc<Inbox>>, Json(message): Json<serde_json::Value>| async move {
+                        if inbox.down.load(Ordering::SeqCst) {
+                            inbox.refused.fetch_add(1, Ordering::SeqCst);
+                            return StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        inbox.messages.lock().unwrap().push(message);
+                        StatusCode::OK
+                    },
+                ),
+            )
+            .with_state(inbox.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/hook"), inbox)
+    }
+}

@@ -18,6 +18,10 @@ use serde_json::json;
 use tracing::error;
 
 use crate::{
+    alerts::{
+        evaluator::{self, unix_now, AlertsState},
+        slo::SloDefinition,
+    },
     auth::Token,
     metrics::Metrics,
     query::{CompareScope, Queries},
@@ -37,6 +41,8 @@ pub struct ApiState {
     pub api_token: Token,
     /// The longest `to - from` a request may ask for.
     pub max_window_us: u64,
+    /// The alert evaluator's book, SLOs and health.
+    pub alerts: Arc<AlertsState>,
 }
 
 impl ApiState {
@@ -70,6 +76,9 @@ pub fn router(state: ApiState, dashboard_dir: &std::path::Path) -> Router {
         .route("/api/v1/transactions", get(transactions))
         .route("/api/v1/compare", get(compare).post(compare_with))
         .route("/api/v1/agents/sampling", get(sampling).put(set_sampling))
+        .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/slos", get(slos))
+        .route("/api/v1/slos/{name}", get(slo).put(put_slo).delete(delete_slo))
         .route("/metrics", get(metrics))
         .route(
             "/api/{*rest}",
@@ -188,6 +197,97 @@ async fn set_sampling(
     policy.check().map_err(ApiError::bad_request)?;
     state.sampling.send_replace(policy.clone());
     Ok(Json(policy))
+}
+
+/// Firing alerts (most severe first) and those resolved lately, with the evaluator's health.
+async fn alerts(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    let now = unix_now();
+    let alerts = &state.alerts;
+    Json(json!({
+        "active": alerts.active(),
+        "recent": alerts.recent(),
+        "evaluator": {
+            "interval_secs": alerts.interval_secs,
+            "last_evaluation": alerts.last_success(),
+            "lag_secs": alerts.lag_secs(now),
+            "stalled": alerts.stalled(now),
+            "last_error": alerts.last_error(),
+        },
+    }))
+}
+
+/// Every SLO with its burn rates and the error budget left.
+async fn slos(State(state): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let now = unix_now();
+    let mut out = Vec::new();
+    for (slo, source) in state.alerts.slos() {
+        out.push(
+            evaluator::slo_status(&state.queries, &slo, source, now)
+                .await
+                .map_err(ApiError::storage)?,
+        );
+    }
+    Ok(Json(json!({ "slos": out })))
+}
+
+async fn slo(State(state): State<ApiState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some((slo, source)) = state.alerts.slos().into_iter().find(|(s, _)| s.name == name) else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no SLO named {name}")));
+    };
+    let status = evaluator::slo_status(&state.queries, &slo, source, unix_now())
+        .await
+        .map_err(ApiError::storage)?;
+    Ok(Json(status))
+}
+
+/// Creates or replaces an SLO (the body's `name`, if given, must be the path's).
+async fn put_slo(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<Json<SloDefinition>, ApiError> {
+    let Json(mut body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Some(fields) = body.as_object_mut() else {
+        return Err(ApiError::bad_request("send the SLO as a JSON object"));
+    };
+    match fields.get("name") {
+        None => {
+            fields.insert("name".into(), json!(name));
+        }
+        Some(given) if given == &json!(name) => {}
+        Some(_) => return Err(ApiError::bad_request("the body's name differs from the path's")),
+    }
+    let slo: SloDefinition =
+        serde_json::from_value(body).map_err(|e| ApiError::bad_request(format!("not an SLO: {e}")))?;
+    slo.check().map_err(ApiError::bad_request)?;
+    if state.alerts.is_config_slo(&name) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("SLO {name} is defined in the configuration file; change it there"),
+        ));
+    }
+    state
+        .queries
+        .store_slo(&name, Some(&slo))
+        .await
+        .map_err(ApiError::storage)?;
+    state.alerts.put_api_slo(slo.clone());
+    Ok(Json(slo))
+}
+
+async fn delete_slo(State(state): State<ApiState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    if state.alerts.is_config_slo(&name) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("SLO {name} is defined in the configuration file; remove it there"),
+        ));
+    }
+    if !state.alerts.slos().iter().any(|(s, _)| s.name == name) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no SLO named {name}")));
+    }
+    state.queries.store_slo(&name, None).await.map_err(ApiError::storage)?;
+    state.alerts.remove_api_slo(&name);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn services(State(state): State<ApiState>, Query(params): Params) -> Result<Response, ApiError> {
@@ -321,6 +421,16 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 }
 
 async fn readyz(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let now = unix_now();
+    if state.alerts.stalled(now) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "alert evaluation has not completed for {} s",
+                state.alerts.lag_secs(now)
+            ),
+        ));
+    }
     match tokio::time::timeout(Duration::from_secs(2), state.queries.ping()).await {
         Ok(Ok(())) => Ok(Json(json!({ "status": "ready" })).into_response()),
         Ok(Err(e)) => {

@@ -1,6 +1,7 @@
 //! Read queries behind the HTTP API. Every value a user sends is bound with `?` (escaped by the
 //! client), never spliced into SQL text.
 
+pub mod alerts;
 mod compare;
 mod topology;
 mod transactions;
@@ -11,7 +12,7 @@ use clickhouse::{query::Query, Client, Row};
 use serde::{Deserialize, Serialize};
 
 pub use compare::CompareScope;
-pub use topology::{EdgeView, NodeView, Topology, TopologyFilter, Traffic};
+pub use topology::{EdgeView, HealthState, NodeView, Topology, TopologyFilter, Traffic};
 pub use transactions::{StageView, TransactionView};
 
 /// The API's time window: [from, to) in Unix microseconds.
@@ -248,6 +249,10 @@ impl Queries {
     pub fn silent_after(mut self, secs: u32) -> Self {
         self.silent_after_secs = secs;
         self
+    }
+
+    pub fn silent_after_secs(&self) -> u32 {
+        self.silent_after_secs
     }
 
     /// Every span of a trace, parents before children (a waterfall's order). `None` when the

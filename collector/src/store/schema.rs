@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "batch ids and the write ledger (idempotent replays from the spool)",
         statements: ledger_tables,
     },
+    Migration {
+        id: 8,
+        name: "SLOs defined through the API",
+        statements: slo_tables,
+    },
 ];
 
 /// Tables written with batch ids, each through a Null `*_input` table whose views write the
@@ -388,6 +393,20 @@ fn latency_input(time: &'static str) -> Vec<InputColumn> {
         ("histMap.bucket", "Array(UInt64)", None),
         ("histMap.count", "Array(UInt64)", None),
     ]
+}
+
+/// Migration 8: each change to an API-defined SLO is a row; the newest per name wins.
+fn slo_tables(d: &Ddl) -> Vec<String> {
+    let db = &d.database;
+    vec![format!(
+        "CREATE TABLE IF NOT EXISTS {db}.slos (
+  name String,
+  definition String,
+  updated_at UInt64,
+  deleted UInt8
+) ENGINE = ReplacingMergeTree(updated_at)
+ORDER BY name"
+    )]
 }
 
 /// Migration 7: batch ids on every ledgered table's input and the ledger they write.

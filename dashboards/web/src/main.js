@@ -2,7 +2,7 @@
 // a view, and renders it again when the window changes or every 30 s.
 import 'uplot/dist/uPlot.min.css';
 import './style.css';
-import { TokenRequired, login, timedApi, windowParams } from './api.js';
+import { TokenRequired, api, login, timedApi, windowParams } from './api.js';
 import { el, notice } from './dom.js';
 
 /**
@@ -16,9 +16,24 @@ const VIEWS = {
   traces: { load: () => import('./traces.js') },
   trace: { load: () => import('./traces.js') },
   services: { load: () => import('./services.js') },
+  alerts: { load: () => import('./alerts.js') },
 };
 /** Views that follow live data (the topology in place); the others change only when asked. */
-const LIVE = new Set(['topology', 'transactions', 'services']);
+const LIVE = new Set(['topology', 'transactions', 'services', 'alerts']);
+
+/** The header's count of firing alerts, red while any is critical; on every view. */
+async function alertCount() {
+  const badge = document.getElementById('alert-count');
+  try {
+    const { active } = await api('/api/v1/alerts');
+    badge.hidden = active.length === 0;
+    badge.textContent = String(active.length);
+    badge.classList.toggle('severity-critical', active.some((a) => a.severity === 'critical'));
+    badge.classList.toggle('severity-warning', active.length > 0 && active.every((a) => a.severity !== 'critical'));
+  } catch {
+    badge.hidden = true; // the view reports why the API did not answer
+  }
+}
 
 let rendering = 0;
 
@@ -74,10 +89,15 @@ function tokenForm() {
   return form;
 }
 
-window.addEventListener('hashchange', route);
+window.addEventListener('hashchange', () => {
+  route();
+  alertCount();
+});
 document.getElementById('range').addEventListener('change', route);
 setInterval(() => {
   const name = location.hash.replace(/^#\/?/, '').split(/[/?]/)[0] || 'topology';
   if (LIVE.has(name) && !document.hidden) route();
+  if (!document.hidden) alertCount();
 }, 30_000);
 route();
+alertCount();

@@ -5,6 +5,8 @@
 //                                                                  200 services and 2,000 edges
 //   node tests/browser.mjs token <dashboard URL> <artifacts dir>   against a collector asking for
 //                                                                  the API token in $API_TOKEN
+//   node tests/browser.mjs alerts <dashboard URL> <artifacts dir>  against a collector with Logins
+//                                                                  stuck on a cache right now
 //
 // Screenshots go to the artifacts folder; figures are printed as `figure <name> <value>`. Exits
 // non-zero with the failed check's message.
@@ -12,8 +14,8 @@ import { mkdir } from 'node:fs/promises';
 import { chromium } from 'playwright-core';
 
 const [mode, base, artifacts] = process.argv.slice(2);
-if (!['demo', 'large', 'token'].includes(mode) || !base || !artifacts) {
-  console.error('usage: browser.mjs demo|large|token <dashboard URL> <artifacts dir>');
+if (!['demo', 'large', 'token', 'alerts'].includes(mode) || !base || !artifacts) {
+  console.error('usage: browser.mjs demo|large|token|alerts <dashboard URL> <artifacts dir>');
   process.exit(2);
 }
 await mkdir(artifacts, { recursive: true });
@@ -48,6 +50,7 @@ const shot = (name) => page.screenshot({ path: `${artifacts}/${name}.png`, fullP
 try {
   if (mode === 'demo') await demo();
   else if (mode === 'large') await large();
+  else if (mode === 'alerts') await alerts();
   else await token();
   check(errors.length === 0, `no errors in the page (${errors.join('; ')})`);
 } catch (error) {
@@ -79,6 +82,19 @@ async function token() {
   await shot('token-given');
   // The browser reports each 401 the dashboard met before the token as a console error.
   errors.splice(0, errors.length, ...errors.filter((e) => !e.includes('401')));
+}
+
+async function alerts() {
+  // Any view: the header counts what fires.
+  await page.goto(`${base}/#/services`);
+  await page.waitForSelector('#alert-count:not([hidden])', { timeout: 10_000 });
+  check(Number(await page.textContent('#alert-count')) >= 1, 'the header counts the firing alerts');
+  await page.click('nav a[data-view="alerts"]');
+  const row = await page.waitForSelector('[data-testid="active-alerts"] tr[data-kind="stuck"]', { timeout: 10_000 });
+  const text = await row.textContent();
+  check(text.includes('Login') && text.includes('stats-cache GET session'), `the stuck alert names the BT and the cache call: ${text}`);
+  check((await page.textContent('[data-testid="evaluator"]')).includes('Evaluated every'), 'the evaluator reports it is keeping up');
+  await shot('alerts');
 }
 
 /** Waits for the topology's first render; returns the graph's nodes and edges as data. */
