@@ -18,7 +18,7 @@ use sightline_collector::{
 use sightline_tests::{
     browser_test, dashboard_dir, eventually, get, metric,
     otlp::{kv, now_ns, request, trace_id},
-    testing, webhook,
+    request as http_request, testing, webhook,
 };
 
 /// Alerts evaluated every 2 s; a resolved condition clears after 10 s (not 2 minutes).
@@ -197,6 +197,39 @@ async fn a_latency_slo_burning_at_twenty_times_pages_and_resolves_when_the_burn_
         (burn - 20.0).abs() < 2.0,
         "20% slow against a 1% budget burns at 20x, got {burn}"
     );
+    // SLOs through the API: checked, stored, listed, deleted; the config's are read-only.
+    let put = |name: &str, body: serde_json::Value| {
+        let url = format!("{api}/api/v1/slos/{name}");
+        async move { http_request("PUT", &url, Some("application/json"), body.to_string().into_bytes()).await }
+    };
+    let refused = put(
+        "login-latency",
+        serde_json::json!({"service": "auth", "bt": "Login", "availability_objective": 0.99}),
+    )
+    .await;
+    assert_eq!(refused.status, 409, "{}", String::from_utf8_lossy(&refused.body));
+    let bad = put(
+        "x",
+        serde_json::json!({"service": "auth", "bt": "Login", "availability_objective": 99}),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"].as_str().unwrap().contains("between 0 and 1"));
+    let created = put(
+        "login-errors",
+        serde_json::json!({"service": "auth", "bt": "Login", "availability_objective": 0.999}),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", String::from_utf8_lossy(&created.body));
+    let one = get(&format!("{api}/api/v1/slos/login-errors")).await.json();
+    assert_eq!(one["source"], "api");
+    assert_eq!(one["objectives"][0]["objective"], "availability");
+    let slos = get(&format!("{api}/api/v1/slos")).await.json();
+    assert_eq!(slos["slos"].as_array().unwrap().len(), 2, "{slos:#}");
+    let deleted = http_request("DELETE", &format!("{api}/api/v1/slos/login-errors"), None, Vec::new()).await;
+    assert_eq!(deleted.status, 204);
+    assert_eq!(get(&format!("{api}/api/v1/slos/login-errors")).await.status, 404);
+
     let slos = get(&format!("{api}/api/v1/slos")).await.json();
     let objective = &slos["slos"][0]["objectives"][0];
     assert_eq!(objective["alert"], "critical", "{slos:#}");
@@ -220,9 +253,10 @@ async fn logins_stuck_on_a_cache_raise_an_alert_naming_it_and_a_webhook_that_is_
     inbox.down.store(true, Ordering::SeqCst);
     let mut config = alerting_config("stuck_alert", &hook);
     config.api.dashboard_dir = Some(dashboard_dir());
+    config.agents.silent_after_secs = 3;
     let collector = Collector::start(config).await.unwrap();
     let api = format!("http://{}", collector.api_addr);
-    let _agent = sightline::init(sightline::Config {
+    let agent = sightline::init(sightline::Config {
         service: "auth".into(),
         version: "1.4.2".into(),
         instance: "auth-7".into(),
@@ -297,6 +331,16 @@ async fn logins_stuck_on_a_cache_raise_an_alert_naming_it_and_a_webhook_that_is_
         metric(&text, "sightline_webhook_messages_total{outcome=\"dropped\"}"),
         0.0
     );
+
+    // The service's only agent stops: nothing watches it any more, which is critical.
+    drop(agent);
+    let silent = eventually("the silent-agent alert", Duration::from_secs(30), || async {
+        inbox.find("firing", "agent_silent", |a| a["service"] == "auth")
+    })
+    .await;
+    println!("silent: {}", silent["summary"]);
+    assert_eq!(silent["severity"], "critical");
+    assert!(silent["summary"].as_str().unwrap().contains("auth-7"), "{silent}");
     collector.shutdown().await.unwrap();
 }
 

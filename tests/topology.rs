@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::{
     common::v1::KeyValue,
     trace::v1::{span::SpanKind, status::StatusCode, Span, Status},
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 use sightline_collector::Collector;
 use sightline_tests::{
     eventually, get, metric,
@@ -462,7 +462,9 @@ async fn topology_of_a_known_workload_is_exact() {
 /// are critical since the minute it turned; the services around it stay ok.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dependency_turning_slow_and_failing_is_critical_since_it_turned() {
-    let collector = Collector::start(testing::config("topology_health")).await.unwrap();
+    let mut config = testing::config("topology_health");
+    config.alerts.interval_secs = 1;
+    let collector = Collector::start(config).await.unwrap();
     let api = format!("http://{}", collector.api_addr);
     let mut client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))
         .await
@@ -563,5 +565,29 @@ async fn a_dependency_turning_slow_and_failing_is_critical_since_it_turned() {
     );
     assert_eq!(health(&topology, "gateway", "auth"), ("ok".to_string(), None));
     assert_eq!(health(&topology, "user", "gateway"), ("ok".to_string(), None));
+
+    // The evaluator raises the critical edge as an alert on the service that calls it.
+    let alert = eventually("the dependency alert", Duration::from_secs(20), || async {
+        let alerts = get(&format!("{api}/api/v1/alerts")).await.json();
+        alerts["active"]
+            .as_array()?
+            .iter()
+            .find(|a| a["kind"] == "dependency")
+            .cloned()
+    })
+    .await;
+    assert_eq!(
+        (&alert["service"], &alert["subject"], &alert["severity"]),
+        (&json!("auth"), &json!("auth -> redis"), &json!("critical")),
+        "{alert:#}"
+    );
+    let alerts = get(&format!("{api}/api/v1/alerts")).await.json();
+    let dependencies = alerts["active"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "dependency")
+        .count();
+    assert_eq!(dependencies, 1, "only the critical edge: {alerts:#}");
     collector.shutdown().await.unwrap();
 }

@@ -202,3 +202,59 @@ pub fn render(format: WebhookFormat, message: &Notification) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::{
+        book::{Alert, State},
+        Kind, Severity,
+    };
+
+    #[test]
+    fn slack_form_is_one_text_field_naming_each_change() {
+        let alert = Alert {
+            id: 1,
+            key: "stuck/auth/Login".into(),
+            service: "auth".into(),
+            subject: "Login".into(),
+            kind: Kind::Stuck,
+            severity: Severity::Critical,
+            peak: Severity::Critical,
+            state: State::Firing,
+            summary: "Login (auth): 3 stuck now, the longest open 14 s, in stats-cache GET session".into(),
+            details: serde_json::Value::Null,
+            started_at: 100,
+            updated_at: 100,
+            resolved_at: None,
+        };
+        let message = Notification {
+            seq: 0,
+            service: "auth".into(),
+            events: vec![
+                Event {
+                    change: Change::Firing,
+                    alert: alert.clone(),
+                },
+                Event {
+                    change: Change::Resolved,
+                    alert,
+                },
+            ],
+            sent_at: 160,
+        };
+        let slack: serde_json::Value = serde_json::from_str(&render(WebhookFormat::Slack, &message)).unwrap();
+        let text = slack["text"].as_str().unwrap();
+        assert_eq!(slack.as_object().unwrap().len(), 1, "{slack}");
+        assert!(text.starts_with("*Sightline: auth*\n"), "{text}");
+        assert!(
+            text.contains("*[FIRING CRITICAL]* `stuck` Login (auth): 3 stuck"),
+            "{text}"
+        );
+        assert!(text.contains("*[RESOLVED]* `stuck`"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&render(WebhookFormat::Json, &message)).unwrap();
+        assert_eq!(json["service"], "auth");
+        assert_eq!(json["events"][0]["change"], "firing");
+        assert_eq!(json["events"][1]["alert"]["kind"], "stuck");
+    }
+}
