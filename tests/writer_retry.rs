@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::Trac
 use sightline_collector::{store::launcher::ClickHouseServer, Collector};
 use sightline_tests::{
     eventually, get, metric,
-    otlp::{request, span, trace_id},
+    otlp::{kv, request, span, trace_id},
     testing,
 };
 use tokio::{
@@ -96,29 +96,59 @@ async fn writer_retries_until_clickhouse_returns_and_loses_nothing() {
     tokio::task::spawn_blocking(move || server.stop()).await.unwrap();
 }
 
-/// A TCP relay to ClickHouse that can lose every answer: the request reaches the server (an
-/// INSERT commits), the connection is cut at the first byte of the response.
-struct AnswerLosingRelay {
+/// A TCP relay to ClickHouse that can lose every answer (the request reaches the server, an
+/// INSERT commits, the connection is cut at the first byte of the response) or cut off the
+/// next INSERT into `spans_input` after the first chunk of its body, as a collector killed
+/// while sending leaves it.
+struct Relay {
     addr: SocketAddr,
     lose_answers: Arc<AtomicBool>,
+    cut_next_span_insert: Arc<AtomicBool>,
 }
 
-impl AnswerLosingRelay {
+impl Relay {
     async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let lose_answers = Arc::new(AtomicBool::new(false));
-        let lose = lose_answers.clone();
+        let cut_next_span_insert = Arc::new(AtomicBool::new(false));
+        let (lose, cut) = (lose_answers.clone(), cut_next_span_insert.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let lose = lose.clone();
+                let (lose, cut) = (lose.clone(), cut.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     let (mut client_read, mut client_write) = client.into_split();
                     let (mut server_read, mut server_write) = server.into_split();
-                    let requests = tokio::io::copy(&mut client_read, &mut server_write);
+                    let requests = async {
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        // Received, not yet forwarded: a request held until it is known
+                        // whether (and where) to cut it.
+                        let mut held = Vec::new();
+                        loop {
+                            let n = client_read.read(&mut buffer).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            held.extend_from_slice(&buffer[..n]);
+                            let armed = cut.load(Ordering::SeqCst);
+                            if armed {
+                                if let Some(end) = first_chunk_end_of_span_insert(&held) {
+                                    cut.store(false, Ordering::SeqCst);
+                                    let _ = server_write.write_all(&held[..end]).await;
+                                    // The connection ends without the body's last chunk.
+                                    return;
+                                }
+                            }
+                            let forward = if armed { undecided_from(&held) } else { held.len() };
+                            if server_write.write_all(&held[..forward]).await.is_err() {
+                                return;
+                            }
+                            held.drain(..forward);
+                        }
+                    };
                     let answers = async {
                         let mut buffer = vec![0u8; 64 * 1024];
                         loop {
@@ -139,7 +169,50 @@ impl AnswerLosingRelay {
                 });
             }
         });
-        Self { addr, lose_answers }
+        Self {
+            addr,
+            lose_answers,
+            cut_next_span_insert,
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    haystack
+        .get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|i| i + from)
+}
+
+/// The last request in `bytes` (its line and headers received) that is an INSERT into
+/// `spans_input`: where its body starts.
+fn span_insert_body(bytes: &[u8]) -> Option<usize> {
+    let start = (0..bytes.len()).rev().find(|&i| bytes[i..].starts_with(b"POST "))?;
+    let headers_end = find(bytes, b"\r\n\r\n", start)?;
+    find(&bytes[..headers_end], b"spans_input", start)?;
+    Some(headers_end + 4)
+}
+
+/// Where the first chunk of a span INSERT's body ends, once it has all arrived.
+fn first_chunk_end_of_span_insert(bytes: &[u8]) -> Option<usize> {
+    let body = span_insert_body(bytes)?;
+    let line_end = find(bytes, b"\r\n", body)?;
+    let size = usize::from_str_radix(std::str::from_utf8(&bytes[body..line_end]).ok()?.trim(), 16).ok()?;
+    let end = line_end + 2 + size + 2;
+    (size > 0 && bytes.len() >= end).then_some(end)
+}
+
+/// How much of `held` can go on while a span INSERT may still be cut: all but a request whose
+/// headers are incomplete or that is a span INSERT.
+fn undecided_from(held: &[u8]) -> usize {
+    let Some(start) = (0..held.len()).rev().find(|&i| held[i..].starts_with(b"POST ")) else {
+        return held.len();
+    };
+    match find(held, b"\r\n\r\n", start) {
+        None => start,
+        Some(_) if span_insert_body(held).is_some() => start,
+        Some(_) => held.len(),
     }
 }
 
@@ -155,7 +228,7 @@ async fn an_insert_whose_answer_is_lost_is_not_written_twice() {
     let direct =
         sightline_collector::store::client(&config.clickhouse.url, &config.clickhouse.database, &config.clickhouse);
     let upstream: SocketAddr = config.clickhouse.url.trim_start_matches("http://").parse().unwrap();
-    let relay = AnswerLosingRelay::start(upstream).await;
+    let relay = Relay::start(upstream).await;
     config.clickhouse.url = format!("http://{}", relay.addr);
     let collector = Collector::start(config).await.unwrap();
     let api = format!("http://{}", collector.api_addr);
@@ -237,6 +310,65 @@ async fn an_insert_whose_answer_is_lost_is_not_written_twice() {
     assert_eq!(
         metric(&text, "sightline_dropped_spans_total{reason=\"insert_failed\"}"),
         0.0
+    );
+    collector.shutdown().await.unwrap();
+}
+
+/// The connection of an INSERT is lost after its first chunk (a collector killed mid-send, a
+/// network cut): ClickHouse 18.16 takes a chunked body cut at a chunk boundary as complete, so
+/// without the whole-INSERT guard its first rows were committed, the ledger claimed the batch,
+/// and the retry skipped the rest. Every span must be stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_cut_off_mid_send_is_written_whole_once() {
+    let mut config = testing::config("cut_insert");
+    let direct =
+        sightline_collector::store::client(&config.clickhouse.url, &config.clickhouse.database, &config.clickhouse);
+    let upstream: SocketAddr = config.clickhouse.url.trim_start_matches("http://").parse().unwrap();
+    let relay = Relay::start(upstream).await;
+    relay.cut_next_span_insert.store(true, Ordering::SeqCst);
+    config.clickhouse.url = format!("http://{}", relay.addr);
+    let collector = Collector::start(config).await.unwrap();
+    let api = format!("http://{}", collector.api_addr);
+    let mut client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))
+        .await
+        .unwrap();
+    let metrics = || async { String::from_utf8(get(&format!("{api}/metrics")).await.body.to_vec()).unwrap() };
+
+    // Enough rows for several chunks (the client sends one per ~256 KiB).
+    const SPANS: u64 = 4000;
+    let trace = trace_id();
+    let long = "x".repeat(100);
+    let spans = (1..=SPANS)
+        .map(|i| span(&trace, i, "AcceptChat", 5, vec![kv("chat.note", &long)]))
+        .collect();
+    client.export(request("chat", spans)).await.unwrap();
+    eventually(
+        "the cut INSERT retried and written",
+        Duration::from_secs(30),
+        || async {
+            let text = metrics().await;
+            (!relay.cut_next_span_insert.load(Ordering::SeqCst)
+                && metric(&text, "sightline_insert_failures_total{table=\"spans\"}") >= 1.0
+                && metric(&text, "sightline_written_rows_total{table=\"spans\"}") >= SPANS as f64)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(count(&direct, "SELECT count() FROM spans").await, SPANS, "spans stored");
+    assert_eq!(count(&direct, "SELECT uniqExact(span_id) FROM spans").await, SPANS);
+    assert_eq!(
+        count(&direct, "SELECT toUInt64(sum(spans)) FROM service_instances").await,
+        SPANS,
+        "instance counts from the views of the same INSERT"
+    );
+    assert_eq!(
+        count(
+            &direct,
+            "SELECT toUInt64(sum(rows)) FROM write_ledger WHERE target = 'spans'"
+        )
+        .await,
+        SPANS,
+        "the ledger records the whole INSERT, once"
     );
     collector.shutdown().await.unwrap();
 }

@@ -262,6 +262,9 @@ async fn floor(
     sightline_collector::store::schema::migrate(admin, database, 30).await?;
     let mut chunks = Vec::new();
     for offset in (0..rows).step_by(CHUNK) {
+        // Each INSERT says how many rows it has: the views write only whole INSERTs.
+        let batch_rows = CHUNK.min(rows - offset);
+        let columns = columns.replace("{batch_rows}", &batch_rows.to_string());
         let mut cursor = ingest
             .query(&format!(
                 "SELECT {columns} FROM spans ORDER BY {order} LIMIT {CHUNK} OFFSET {offset}"
@@ -423,10 +426,10 @@ async fn main() -> anyhow::Result<()> {
         .to_string();
 
     // --- Floor: the same rows as RowBinary, straight into a fresh copy of the schema (batch ids
-    // zero: the floor has no spool).
+    // zero: the floor has no spool; `{batch_rows}`: the INSERT's row count).
     let columns = "trace_id, span_id, parent_span_id, service, service_version, instance, operation, toInt8(kind), \
                    component, peer, bt, start_us, duration_us, toInt8(status), error_type, error_message, \
-                   attributes.key, attributes.value, toUInt64(0), toUInt64(0)";
+                   attributes.key, attributes.value, toUInt64(0), toUInt64(0), toUInt64({batch_rows})";
     // Two floors over the same rows: in arrival (random) order, as spans reach a collector, and
     // already in the table's key order, which ClickHouse sorts far faster on INSERT.
     let random_floor = floor(&admin, &ingest, "floor", columns, "cityHash64(span_id)", args.spans).await?;
@@ -451,14 +454,20 @@ async fn main() -> anyhow::Result<()> {
         )
         .replacen("start_us", "start_us - ? * 3600000000 AS start_us", 1);
     let rounds = args.total_spans.saturating_sub(args.spans).div_ceil(args.spans);
+    let floor_rows = count(&admin, "floor.spans").await?.max(1);
+    let copy_columns = copy_columns.replace("{batch_rows}", &floor_rows.to_string());
     for round in 1..=rounds {
-        // floor.spans holds exactly the original rows; each round gives them new trace ids.
+        // floor.spans holds exactly the original rows; each round gives them new trace ids, as
+        // one block (the views write only whole INSERTs).
         admin
             .query(&format!(
                 "INSERT INTO ingest.spans_input SELECT {copy_columns} FROM floor.spans"
             ))
             .bind(200 + round as u8)
             .bind(round as u64)
+            .with_setting("max_insert_block_size", floor_rows.to_string())
+            .with_setting("min_insert_block_size_rows", floor_rows.to_string())
+            .with_setting("min_insert_block_size_bytes", "0")
             .execute()
             .await?;
     }

@@ -1,8 +1,8 @@
 """Runs Sightline's modern-server DDL and read queries on chdb (in-process current ClickHouse).
 
 Input: a JSON file {"ddl": [...], "database": "...", "queries": {name: {"sql": ..., "rows": N}}}.
-Inserts as the collector does, through the Null `*_input` tables with batch ids (so the
-materialized views run): two spans of one trace, a latency row and an edge row twice each (so
+Inserts as the collector does, through the Null `*_input` tables with batch ids and row
+counts (so the materialized views run, and write only whole INSERTs): two spans of one trace, a latency row and an edge row twice each (so
 SummingMergeTree has something to sum), a stage row; checks the write ledger recorded each
 INSERT's batches, then runs each query and checks its row count. Exits non-zero with the failing
 statement on any error.
@@ -33,14 +33,23 @@ run(f"USE {spec['database']}")
 trace = "0af7651916cd43dd8448eb211c80319c"
 run(f"""INSERT INTO spans_input VALUES
   (unhex('{trace}'), 1, 0, 'auth', '1.4.2', 'auth-1', 'POST /login', 2, 'http', '', 'Login',
-   1700000000000000, 120000, 1, '', '', ['http.route'], ['/login'], 7, 7),
+   1700000000000000, 120000, 1, '', '', ['http.route'], ['/login'], 7, 7, 2),
   (unhex('{trace}'), 2, 1, 'auth', '1.4.2', 'auth-1', 'SELECT users', 3, 'db', 'postgresql:users', 'Login',
-   1700000000010000, 90000, 2, 'Timeout', 'lock wait', ['db.system'], ['postgresql'], 7, 7)""")
+   1700000000010000, 90000, 2, 'Timeout', 'lock wait', ['db.system'], ['postgresql'], 7, 7, 2)""")
+# An INSERT cut short (it says 3 rows, 1 arrived): no view may write any of it.
+run(f"""INSERT INTO spans_input VALUES
+  (unhex('{trace}'), 3, 1, 'auth', '1.4.2', 'auth-1', 'GET cache', 3, 'redis', 'redis', 'Login',
+   1700000000020000, 1000, 1, '', '', [], [], 6, 6, 3)""")
+partial = json.loads(str(run("SELECT (SELECT count() FROM spans WHERE span_id = 3) AS spans, "
+                             "(SELECT count() FROM write_ledger WHERE batch_lo = 6) AS ledger, "
+                             "(SELECT count() FROM service_instances WHERE spans > 2) AS instances")).strip())
+if any(int(n) for n in partial.values()):
+    sys.exit(f"FAILED: a partial INSERT was written ({partial})")
 for batch in (8, 9):
     run(f"""INSERT INTO latency_1m_input (minute, service, service_version, bt, operation, kind, status,
-             calls, errors, duration_us_sum, `histMap.bucket`, `histMap.count`, batch_lo, batch_hi)
+             calls, errors, duration_us_sum, `histMap.bucket`, `histMap.count`, batch_lo, batch_hi, batch_rows)
            VALUES (toDateTime(1700000000), 'auth', '1.4.2', 'Login', 'POST /login', 2, 1,
-                   2, 0, 240000, [119807, 120831], [1, 1], {batch}, {batch})""")
+                   2, 0, 240000, [119807, 120831], [1, 1], {batch}, {batch}, 1)""")
 run("OPTIMIZE TABLE latency_1m FINAL")
 merged = json.loads(str(run("SELECT sum(calls) AS calls, sumMap(`histMap.bucket`, `histMap.count`) AS hist FROM latency_1m")).strip())
 if int(merged["calls"]) != 4 or [int(c) for c in merged["hist"][1]] != [2, 2]:
@@ -48,16 +57,18 @@ if int(merged["calls"]) != 4 or [int(c) for c in merged["hist"][1]] != [2, 2]:
 
 for batch in (8, 9):
     run(f"""INSERT INTO edges_1m_input (minute, caller, caller_type, callee, callee_type, bt, caller_version,
-             callee_version, calls, errors, duration_us_sum, `histMap.bucket`, `histMap.count`, batch_lo, batch_hi)
+             callee_version, calls, errors, duration_us_sum, `histMap.bucket`, `histMap.count`, batch_lo, batch_hi,
+             batch_rows)
            VALUES (toDateTime(1700000000), 'web', 2, 'auth', 2, 'Login', '2.0', '1.4.2',
-                   3, 1, 360000, [119807], [3], {batch}, {batch})""")
+                   3, 1, 360000, [119807], [3], {batch}, {batch}, 1)""")
 run("OPTIMIZE TABLE edges_1m FINAL")
 merged = json.loads(str(run("SELECT sum(calls) AS calls, count() AS rows FROM edges_1m")).strip())
 if int(merged["calls"]) != 6 or int(merged["rows"]) != 1:
     sys.exit(f"FAILED: edges_1m did not sum: {merged}")
 
-run("""INSERT INTO stages_1m_input (minute, service, service_version, bt, stage, spans, self_us_sum, batch_lo, batch_hi)
-       VALUES (toDateTime(1700000000), 'auth', '1.4.2', 'Login', 'db', 2, 180000, 7, 9)""")
+run("""INSERT INTO stages_1m_input (minute, service, service_version, bt, stage, spans, self_us_sum, batch_lo, batch_hi,
+         batch_rows)
+       VALUES (toDateTime(1700000000), 'auth', '1.4.2', 'Login', 'db', 2, 180000, 7, 9, 1)""")
 
 ledger = [json.loads(line) for line in str(run(
     "SELECT target, batch_lo, batch_hi, rows FROM write_ledger ORDER BY target, batch_lo")).strip().splitlines()]

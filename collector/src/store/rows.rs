@@ -21,6 +21,14 @@ pub struct BatchRange {
     pub hi: u64,
 }
 
+/// What every row of an INSERT says about the INSERT: the batches it carries and how many rows
+/// it has (the views write a block only if it has them all: `schema.rs`, `WHOLE_INSERT`).
+#[derive(Debug, Clone, Copy)]
+pub struct InsertTag {
+    pub range: BatchRange,
+    pub rows: u64,
+}
+
 /// One row of `spans_input` (see `schema.rs`).
 #[derive(Row, Serialize)]
 pub struct SpanRow<'a> {
@@ -46,10 +54,11 @@ pub struct SpanRow<'a> {
     attribute_values: AttributeColumn<'a, 1>,
     batch_lo: u64,
     batch_hi: u64,
+    batch_rows: u64,
 }
 
 impl<'a> SpanRow<'a> {
-    pub fn new(s: &'a Span, batch: BatchRange) -> Self {
+    pub fn new(s: &'a Span, tag: InsertTag) -> Self {
         Self {
             trace_id: &s.trace_id,
             span_id: s.span_id,
@@ -70,8 +79,9 @@ impl<'a> SpanRow<'a> {
             error_message: &s.error_message,
             attribute_keys: AttributeColumn(&s.attributes),
             attribute_values: AttributeColumn(&s.attributes),
-            batch_lo: batch.lo,
-            batch_hi: batch.hi,
+            batch_lo: tag.range.lo,
+            batch_hi: tag.range.hi,
+            batch_rows: tag.rows,
         }
     }
 }
@@ -108,11 +118,12 @@ pub struct LatencyRow<'a> {
     counts: Vec<u64>,
     batch_lo: u64,
     batch_hi: u64,
+    batch_rows: u64,
 }
 
 impl<'a> LatencyRow<'a> {
     /// From a key rolled up to its minute.
-    pub fn new(key: &'a LatencyKey, value: &LatencyValue, batch: BatchRange) -> Self {
+    pub fn new(key: &'a LatencyKey, value: &LatencyValue, tag: InsertTag) -> Self {
         Self {
             minute: key.window,
             service: &key.service,
@@ -126,8 +137,9 @@ impl<'a> LatencyRow<'a> {
             duration_us_sum: value.duration_us_sum,
             buckets: value.buckets(),
             counts: value.counts(),
-            batch_lo: batch.lo,
-            batch_hi: batch.hi,
+            batch_lo: tag.range.lo,
+            batch_hi: tag.range.hi,
+            batch_rows: tag.rows,
         }
     }
 }
@@ -151,10 +163,11 @@ pub struct FineLatencyRow<'a> {
     counts: Vec<u64>,
     batch_lo: u64,
     batch_hi: u64,
+    batch_rows: u64,
 }
 
 impl<'a> FineLatencyRow<'a> {
-    pub fn new(key: &'a LatencyKey, value: &LatencyValue, batch: BatchRange) -> Self {
+    pub fn new(key: &'a LatencyKey, value: &LatencyValue, tag: InsertTag) -> Self {
         Self {
             time: key.window,
             service: &key.service,
@@ -168,8 +181,9 @@ impl<'a> FineLatencyRow<'a> {
             duration_us_sum: value.duration_us_sum,
             buckets: value.buckets(),
             counts: value.counts(),
-            batch_lo: batch.lo,
-            batch_hi: batch.hi,
+            batch_lo: tag.range.lo,
+            batch_hi: tag.range.hi,
+            batch_rows: tag.rows,
         }
     }
 }
@@ -194,10 +208,11 @@ pub struct EdgeRow<'a> {
     counts: Vec<u64>,
     batch_lo: u64,
     batch_hi: u64,
+    batch_rows: u64,
 }
 
 impl<'a> EdgeRow<'a> {
-    pub fn new(key: &'a EdgeKey, value: &LatencyValue, batch: BatchRange) -> Self {
+    pub fn new(key: &'a EdgeKey, value: &LatencyValue, tag: InsertTag) -> Self {
         Self {
             minute: key.minute,
             caller: &key.caller,
@@ -212,8 +227,9 @@ impl<'a> EdgeRow<'a> {
             duration_us_sum: value.duration_us_sum,
             buckets: value.buckets(),
             counts: value.counts(),
-            batch_lo: batch.lo,
-            batch_hi: batch.hi,
+            batch_lo: tag.range.lo,
+            batch_hi: tag.range.hi,
+            batch_rows: tag.rows,
         }
     }
 }
@@ -230,10 +246,11 @@ pub struct StageRow<'a> {
     self_us_sum: u64,
     batch_lo: u64,
     batch_hi: u64,
+    batch_rows: u64,
 }
 
 impl<'a> StageRow<'a> {
-    pub fn new(key: &'a StageKey, value: &StageValue, batch: BatchRange) -> Self {
+    pub fn new(key: &'a StageKey, value: &StageValue, tag: InsertTag) -> Self {
         Self {
             minute: key.minute,
             service: &key.service,
@@ -242,8 +259,9 @@ impl<'a> StageRow<'a> {
             stage: key.stage,
             spans: value.spans,
             self_us_sum: value.self_us_sum,
-            batch_lo: batch.lo,
-            batch_hi: batch.hi,
+            batch_lo: tag.range.lo,
+            batch_hi: tag.range.hi,
+            batch_rows: tag.rows,
         }
     }
 }

@@ -68,11 +68,22 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "SLOs defined through the API",
         statements: slo_tables,
     },
+    Migration {
+        id: 9,
+        name: "whole INSERTs only (row counts on the inputs), the ledger view last",
+        statements: ledgered_inputs,
+    },
 ];
 
 /// Tables written with batch ids, each through a Null `*_input` table whose views write the
 /// rows and, in the same INSERT, one `write_ledger` row per batch range (store/writer.rs).
 pub const LEDGERED: [&str; 5] = ["spans", "latency_1m", "latency_10s", "edges_1m", "stages_1m"];
+
+/// Every view from a ledgered input writes only a block that is the whole INSERT: each row
+/// carries the INSERT's row count. ClickHouse 18.16 ends a chunked HTTP body at a lost
+/// connection as if it were complete, so an INSERT cut off at a row boundary (a collector killed
+/// mid-send) would otherwise commit its first rows, with a ledger row claiming its batches.
+const WHOLE_INSERT: &str = "WHERE blockSize() = batch_rows";
 
 /// Days the 10-second aggregates are kept (at most `retention_days`): they serve comparisons of
 /// short load tests, which look at the last hours.
@@ -180,7 +191,8 @@ fn spans_input_and_views(d: &Ddl) -> Vec<String> {
   `attributes.key` Array(String),
   `attributes.value` Array(String),
   batch_lo UInt64,
-  batch_hi UInt64
+  batch_hi UInt64,
+  batch_rows UInt64
 ) ENGINE = Null"
         ),
         format!(
@@ -198,7 +210,8 @@ fn spans_input_and_views(d: &Ddl) -> Vec<String> {
   CAST(status AS {STATUS_ENUM}) AS status,
   CAST(error_type AS LowCardinality(String)) AS error_type,
   error_message, `attributes.key`, `attributes.value`
-FROM {db}.spans_input"
+FROM {db}.spans_input
+{WHOLE_INSERT}"
         ),
         // Trace id -> time range and services: a trace opens by primary key, not by scan.
         format!(
@@ -220,6 +233,7 @@ ORDER BY trace_id{ttl_index}"
   max(start_us + duration_us) AS last_end_us,
   groupUniqArray(service) AS services
 FROM {db}.spans_input
+{WHOLE_INSERT}
 GROUP BY trace_id"
         ),
         // Which instances of which versions sent spans, per minute: versions' first-seen
@@ -243,6 +257,7 @@ ORDER BY (service, service_version, instance, minute)"
   CAST(instance AS LowCardinality(String)) AS instance,
   count() AS spans
 FROM {db}.spans_input
+{WHOLE_INSERT}
 GROUP BY minute, service, service_version, instance"
         ),
     ]
@@ -428,10 +443,31 @@ fn ledger_tables(d: &Ddl) -> Vec<String> {
 PARTITION BY toDate(written_at)
 ORDER BY (batch_hi, target){ttl}"
     )];
-    // 18.16 cannot add a column only if it is missing: the Null table and its views are
-    // recreated (they hold no data), now with batch ids.
-    for view in ["spans_mv", "trace_index_mv", "service_instances_mv", "spans_input"] {
-        statements.push(format!("DROP TABLE IF EXISTS {db}.{view}"));
+    statements.extend(ledgered_inputs(d));
+    statements
+}
+
+/// The Null `*_input` tables of the ledgered tables and their views (migrations 7 and 9).
+/// 18.16 can neither add a column only if it is missing nor change a view: they are dropped
+/// and created again (they hold no data).
+fn ledgered_inputs(d: &Ddl) -> Vec<String> {
+    let db = &d.database;
+    let mut statements = Vec::new();
+    for table in LEDGERED {
+        for view in [
+            format!("{table}_mv"),
+            format!("{table}_ledger_mv"),
+            ledger_view_name(table),
+        ] {
+            statements.push(format!("DROP TABLE IF EXISTS {db}.{view}"));
+        }
+    }
+    for table in ["trace_index_mv", "service_instances_mv"]
+        .map(String::from)
+        .into_iter()
+        .chain(LEDGERED.map(|t| format!("{t}_input")))
+    {
+        statements.push(format!("DROP TABLE IF EXISTS {db}.{table}"));
     }
     statements.extend(spans_input_and_views(d));
     statements.push(ledger_view(db, "spans", "spans_input"));
@@ -474,7 +510,7 @@ ORDER BY (batch_hi, target){ttl}"
         let input = format!("{table}_input");
         let declared: Vec<String> = columns.iter().map(|(name, ty, _)| format!("  `{name}` {ty}")).collect();
         statements.push(format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{input} (\n{},\n  batch_lo UInt64,\n  batch_hi UInt64\n) ENGINE = Null",
+            "CREATE TABLE IF NOT EXISTS {db}.{input} (\n{},\n  batch_lo UInt64,\n  batch_hi UInt64,\n  batch_rows UInt64\n) ENGINE = Null",
             declared.join(",\n")
         ));
         let selected: Vec<String> = columns
@@ -485,7 +521,7 @@ ORDER BY (batch_hi, target){ttl}"
             })
             .collect();
         statements.push(format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{table}_mv TO {db}.{table} AS SELECT\n  {}\nFROM {db}.{input}",
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{table}_mv TO {db}.{table} AS SELECT\n  {}\nFROM {db}.{input}\n{WHOLE_INSERT}",
             selected.join(",\n  ")
         ));
         statements.push(ledger_view(db, table, &input));
@@ -493,12 +529,21 @@ ORDER BY (batch_hi, target){ttl}"
     statements
 }
 
+/// 18.16 pushes an INSERT to its views one after the other in the order of their names: the
+/// ledger's view sorts after every view writing rows (`write_` > `trace_`, `spans_`, ...), so
+/// an INSERT that fails in one of those leaves no ledger row claiming its batches.
+fn ledger_view_name(table: &str) -> String {
+    format!("write_ledger_{table}_mv")
+}
+
 /// The view that records, per INSERT into `input`, which batches it carried into `table`.
 fn ledger_view(db: &str, table: &str, input: &str) -> String {
+    let name = ledger_view_name(table);
     format!(
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{table}_ledger_mv TO {db}.write_ledger AS SELECT
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{name} TO {db}.write_ledger AS SELECT
   CAST('{table}' AS LowCardinality(String)) AS target, batch_lo, batch_hi, count() AS rows, now() AS written_at
 FROM {db}.{input}
+{WHOLE_INSERT}
 GROUP BY batch_lo, batch_hi"
     )
 }
@@ -599,5 +644,45 @@ mod tests {
             assert!(modern.contains(word), "{word} missing from modern DDL");
         }
         assert!(modern.contains("INTERVAL 7 DAY"));
+    }
+
+    /// Views as the last migration leaves them: (name, input read).
+    fn views_of_inputs() -> Vec<(String, String)> {
+        let statements = ledgered_inputs(&Ddl {
+            database: "d".into(),
+            modern: false,
+            retention_days: 7,
+        });
+        statements
+            .iter()
+            .filter_map(|s| {
+                let name = s.strip_prefix("CREATE MATERIALIZED VIEW IF NOT EXISTS d.")?;
+                let name = name.split_whitespace().next()?.to_string();
+                let input = s.split("FROM d.").nth(1)?.split_whitespace().next()?.to_string();
+                assert!(s.contains(WHOLE_INSERT), "view {name} writes partial INSERTs:\n{s}");
+                Some((name, input))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_view_of_a_ledgered_input_writes_whole_inserts_and_the_ledger_comes_last() {
+        let views = views_of_inputs();
+        for table in LEDGERED {
+            let input = format!("{table}_input");
+            let mut names: Vec<&str> = views
+                .iter()
+                .filter(|(_, from)| *from == input)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            assert!(names.len() >= 2, "{input}: {names:?}");
+            // ClickHouse 18.16 runs them in name order.
+            names.sort_unstable();
+            assert_eq!(
+                names.last().copied(),
+                Some(ledger_view_name(table).as_str()),
+                "{input}: {names:?}"
+            );
+        }
     }
 }

@@ -42,7 +42,7 @@ use tracing::{error, info, warn};
 
 use super::{
     appender::SpoolFeed,
-    rows::{BatchRange, EdgeRow, FineLatencyRow, HeartbeatRow, InflightRow, LatencyRow, SpanRow, StageRow},
+    rows::{BatchRange, EdgeRow, FineLatencyRow, HeartbeatRow, InflightRow, InsertTag, LatencyRow, SpanRow, StageRow},
     spool::SpoolReader,
 };
 use crate::{
@@ -597,13 +597,19 @@ async fn in_ledger(client: &Client, table: &str, range: BatchRange) -> clickhous
 
 const INSERT_TIMEOUT: Option<Duration> = Some(Duration::from_secs(60));
 
-/// One INSERT of `rows` into `table` (one block, so the ledger view sees it whole).
+/// One INSERT of `$rows` (`$len` of them) into `$table`, parsed and handed to the views as one
+/// block: the views of ledgered tables write nothing of a block with fewer rows than the INSERT
+/// says it has (`schema.rs`, `WHOLE_INSERT`), so an INSERT is applied whole or not at all.
 macro_rules! insert_rows {
-    ($client:expr, $table:expr, $row:ty, $rows:expr) => {{
+    ($client:expr, $table:expr, $row:ty, $len:expr, $rows:expr) => {{
+        let len = $len.max(1).to_string();
         let mut insert = $client
             .insert::<$row>($table)
             .await?
-            .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT);
+            .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT)
+            .with_setting("max_insert_block_size", len.clone())
+            .with_setting("min_insert_block_size_rows", len)
+            .with_setting("min_insert_block_size_bytes", "0");
         for row in $rows {
             insert.write(&row).await?;
         }
@@ -611,42 +617,50 @@ macro_rules! insert_rows {
     }};
 }
 
-async fn insert(client: &Client, rows: &Rows, batch: BatchRange) -> clickhouse::error::Result<()> {
+async fn insert(client: &Client, rows: &Rows, range: BatchRange) -> clickhouse::error::Result<()> {
+    let len = rows.len();
+    let tag = InsertTag {
+        range,
+        rows: len as u64,
+    };
     match rows {
-        Rows::Spans(spans) => {
-            insert_rows!(
-                client,
-                "spans_input",
-                SpanRow<'_>,
-                spans.iter().map(|s| SpanRow::new(s, batch))
-            )
-        }
+        Rows::Spans(spans) => insert_rows!(
+            client,
+            "spans_input",
+            SpanRow<'_>,
+            len,
+            spans.iter().map(|s| SpanRow::new(s, tag))
+        ),
         Rows::Latency(rows) => insert_rows!(
             client,
             "latency_1m_input",
             LatencyRow<'_>,
-            rows.iter().map(|(k, v)| LatencyRow::new(k, v, batch))
+            len,
+            rows.iter().map(|(k, v)| LatencyRow::new(k, v, tag))
         ),
         Rows::FineLatency(rows) => insert_rows!(
             client,
             "latency_10s_input",
             FineLatencyRow<'_>,
-            rows.iter().map(|(k, v)| FineLatencyRow::new(k, v, batch))
+            len,
+            rows.iter().map(|(k, v)| FineLatencyRow::new(k, v, tag))
         ),
         Rows::Edges(rows) => insert_rows!(
             client,
             "edges_1m_input",
             EdgeRow<'_>,
-            rows.iter().map(|(k, v)| EdgeRow::new(k, v, batch))
+            len,
+            rows.iter().map(|(k, v)| EdgeRow::new(k, v, tag))
         ),
         Rows::Stages(rows) => insert_rows!(
             client,
             "stages_1m_input",
             StageRow<'_>,
-            rows.iter().map(|(k, v)| StageRow::new(k, v, batch))
+            len,
+            rows.iter().map(|(k, v)| StageRow::new(k, v, tag))
         ),
-        Rows::Heartbeats(rows) => insert_rows!(client, "agent_heartbeats", HeartbeatRow, rows),
-        Rows::Inflight(rows) => insert_rows!(client, "inflight", InflightRow, rows),
+        Rows::Heartbeats(rows) => insert_rows!(client, "agent_heartbeats", HeartbeatRow, len, rows),
+        Rows::Inflight(rows) => insert_rows!(client, "inflight", InflightRow, len, rows),
     }
 }
 
