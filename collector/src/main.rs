@@ -12,6 +12,18 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc asks the kernel for transparent huge pages, and khugepaged then folds sparsely used
+/// 2 MiB regions into whole huge pages: in a 30-minute soak the collector's RSS stepped up by
+/// ~12 MiB and stayed (half its RSS was huge pages). Its heap is small and churns: 4 KiB pages
+/// keep resident memory to what is in use. The flag holds for every mapping, earlier ones too.
+fn without_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 /// Sightline: application performance monitoring built around business transactions.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -72,6 +84,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    without_transparent_huge_pages();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
