@@ -220,21 +220,53 @@ async fn count(client: &clickhouse::Client, sql: &str) -> u64 {
     client.query(sql).fetch_one::<u64>().await.unwrap()
 }
 
+/// A collector whose ClickHouse traffic goes through a [`Relay`]; `direct` reaches ClickHouse
+/// itself.
+struct Relayed {
+    collector: Collector,
+    relay: Relay,
+    direct: clickhouse::Client,
+    api: String,
+    client: TraceServiceClient<tonic::transport::Channel>,
+}
+
+impl Relayed {
+    async fn start(name: &str, cut_first_span_insert: bool) -> Self {
+        let mut config = testing::config(name);
+        let direct =
+            sightline_collector::store::client(&config.clickhouse.url, &config.clickhouse.database, &config.clickhouse);
+        let upstream: SocketAddr = config.clickhouse.url.trim_start_matches("http://").parse().unwrap();
+        let relay = Relay::start(upstream).await;
+        relay
+            .cut_next_span_insert
+            .store(cut_first_span_insert, Ordering::SeqCst);
+        config.clickhouse.url = format!("http://{}", relay.addr);
+        let collector = Collector::start(config).await.unwrap();
+        let api = format!("http://{}", collector.api_addr);
+        let client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))
+            .await
+            .unwrap();
+        Self {
+            collector,
+            relay,
+            direct,
+            api,
+            client,
+        }
+    }
+}
+
 /// The answer to an INSERT that ClickHouse committed never arrives: the writer must not write
 /// those rows again (a lost answer looks like any other network error).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_whose_answer_is_lost_is_not_written_twice() {
-    let mut config = testing::config("lost_answer");
-    let direct =
-        sightline_collector::store::client(&config.clickhouse.url, &config.clickhouse.database, &config.clickhouse);
-    let upstream: SocketAddr = config.clickhouse.url.trim_start_matches("http://").parse().unwrap();
-    let relay = Relay::start(upstream).await;
-    config.clickhouse.url = format!("http://{}", relay.addr);
-    let collector = Collector::start(config).await.unwrap();
-    let api = format!("http://{}", collector.api_addr);
-    let mut client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))
-        .await
-        .unwrap();
+    let Relayed {
+        collector,
+        relay,
+        direct,
+        api,
+        mut client,
+    } = Relayed::start("lost_answer", false).await;
     let metrics = || async { String::from_utf8(get(&format!("{api}/metrics")).await.body.to_vec()).unwrap() };
 
     let first = trace_id();
@@ -320,18 +352,13 @@ async fn an_insert_whose_answer_is_lost_is_not_written_twice() {
 /// and the retry skipped the rest. Every span must be stored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_cut_off_mid_send_is_written_whole_once() {
-    let mut config = testing::config("cut_insert");
-    let direct =
-        sightline_collector::store::client(&config.clickhouse.url, &config.clickhouse.database, &config.clickhouse);
-    let upstream: SocketAddr = config.clickhouse.url.trim_start_matches("http://").parse().unwrap();
-    let relay = Relay::start(upstream).await;
-    relay.cut_next_span_insert.store(true, Ordering::SeqCst);
-    config.clickhouse.url = format!("http://{}", relay.addr);
-    let collector = Collector::start(config).await.unwrap();
-    let api = format!("http://{}", collector.api_addr);
-    let mut client = TraceServiceClient::connect(format!("http://{}", collector.grpc_addr))
-        .await
-        .unwrap();
+    let Relayed {
+        collector,
+        relay,
+        direct,
+        api,
+        mut client,
+    } = Relayed::start("cut_insert", true).await;
     let metrics = || async { String::from_utf8(get(&format!("{api}/metrics")).await.body.to_vec()).unwrap() };
 
     // Enough rows for several chunks (the client sends one per ~256 KiB).
