@@ -4,11 +4,13 @@
 //! Each application thread gets two single-producer single-consumer rings on its first
 //! hand-off: full batches to the exporter, emptied buffers back. Pushing is a few atomic
 //! operations on memory only that thread and the exporter touch; the exporter takes the
-//! registry's lock to visit the rings, application threads only to register.
+//! registry's lock to visit the rings, application threads only to register. What waits in a
+//! thread's ring is bounded in spans (the exporter counts what it took), so a thread that
+//! outruns the exporter holds a bounded buffer, not one per hand-off.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
-    Mutex, OnceLock,
+    Arc, Mutex, OnceLock,
 };
 
 use crate::span::Batch;
@@ -20,7 +22,7 @@ pub(crate) struct Agent {
     service: String,
     pub(crate) version: String,
     pub(crate) instance: String,
-    ring_batches: usize,
+    queue_spans: usize,
     rings: Mutex<Vec<ExporterEnd>>,
     sampling_ratio_bits: AtomicU64,
     pub(crate) dropped_spans: AtomicU64,
@@ -30,12 +32,18 @@ pub(crate) struct Agent {
 pub(crate) struct ThreadRing {
     full: rtrb::Producer<Batch>,
     spare: rtrb::Consumer<Batch>,
+    /// Records this thread handed off, ever.
+    sent_records: u64,
+    /// Records the exporter took from this ring, ever (written by the exporter only).
+    taken_records: Arc<AtomicU64>,
+    queue_spans: u64,
 }
 
 /// The exporter's ends of one thread's rings.
 struct ExporterEnd {
     full: rtrb::Consumer<Batch>,
     spare: rtrb::Producer<Batch>,
+    taken_records: Arc<AtomicU64>,
 }
 
 impl ThreadRing {
@@ -44,13 +52,21 @@ impl ThreadRing {
         self.spare.pop().ok()
     }
 
-    /// Hands a batch to the exporter; never waits. A full ring (the exporter is behind) drops
-    /// the batch and counts its spans.
+    /// Whether `records` more fit in what may wait for the exporter.
+    pub(crate) fn has_room(&self, records: usize) -> bool {
+        let waiting = self.sent_records - self.taken_records.load(Ordering::Acquire);
+        waiting + records as u64 <= self.queue_spans && !self.full.is_full()
+    }
+
+    /// Hands a batch to the exporter; never waits. Call [`ThreadRing::has_room`] first: a
+    /// batch that does not fit is dropped here and its spans counted.
     pub(crate) fn send(&mut self, batch: Batch, agent: &Agent) {
-        if let Err(rtrb::PushError::Full(batch)) = self.full.push(batch) {
-            agent
-                .dropped_spans
-                .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+        let records = batch.records.len() as u64;
+        match self.full.push(batch) {
+            Ok(()) => self.sent_records += records,
+            Err(rtrb::PushError::Full(batch)) => {
+                agent.count_dropped(&batch);
+            }
         }
     }
 }
@@ -72,18 +88,24 @@ impl Agent {
         service: String,
         version: String,
         instance: String,
-        ring_batches: usize,
+        queue_spans: usize,
         sampling_ratio: f64,
     ) -> Self {
         Self {
             service,
             version,
             instance,
-            ring_batches: ring_batches.max(1),
+            queue_spans: queue_spans.max(1),
             rings: Mutex::new(Vec::new()),
             sampling_ratio_bits: AtomicU64::new(sampling_ratio.clamp(0.0, 1.0).to_bits()),
             dropped_spans: AtomicU64::new(0),
         }
+    }
+
+    /// Counts the finished spans of a batch that will not reach the exporter.
+    pub(crate) fn count_dropped(&self, batch: &Batch) {
+        let spans = batch.records.iter().filter(|r| r.span_id != 0).count();
+        self.dropped_spans.fetch_add(spans as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn service(&self) -> &str {
@@ -101,17 +123,23 @@ impl Agent {
 
     /// Rings for a thread's first hand-off.
     pub(crate) fn new_ring(&self) -> ThreadRing {
-        let (full_tx, full_rx) = rtrb::RingBuffer::new(self.ring_batches);
+        // A batch holds at least one record, so the span bound is reached before the ring's.
+        let (full_tx, full_rx) = rtrb::RingBuffer::new(self.queue_spans);
         let (spare_tx, spare_rx) = rtrb::RingBuffer::new(SPARE_BATCHES);
+        let taken_records = Arc::new(AtomicU64::new(0));
         if let Ok(mut rings) = self.rings.lock() {
             rings.push(ExporterEnd {
                 full: full_rx,
                 spare: spare_tx,
+                taken_records: taken_records.clone(),
             });
         }
         ThreadRing {
             full: full_tx,
             spare: spare_rx,
+            sent_records: 0,
+            taken_records,
+            queue_spans: self.queue_spans as u64,
         }
     }
 
@@ -121,6 +149,8 @@ impl Agent {
         let Ok(mut rings) = self.rings.lock() else { return };
         for ring in rings.iter_mut() {
             while let Ok(mut batch) = ring.full.pop() {
+                ring.taken_records
+                    .fetch_add(batch.records.len() as u64, Ordering::Release);
                 consume(&mut batch);
                 batch.records.clear();
                 batch.traces.clear();

@@ -30,19 +30,19 @@ pub struct Config {
     /// Share of business transactions whose call chain is recorded, 0.0..=1.0. RED figures of
     /// transactions count every request regardless. The collector may change it at run time.
     pub sampling_ratio: f64,
-    /// Hand-offs waiting for the exporter, per application thread: one per finished request
-    /// (or per 128 spans of a busy thread). When full, new spans are dropped and counted: the
-    /// application never waits. 48 bytes a slot, reserved but only touched (resident) as far as
-    /// the ring has ever filled; the default absorbs a 20,000-request burst from one thread
-    /// while the exporter gets no CPU (tests/agent_sampling.rs under load).
-    pub queue_batches: usize,
+    /// Spans waiting for the exporter, per application thread (handed off once per finished
+    /// request, or per 128 spans of a busy thread). When full, new spans are dropped and
+    /// counted: the application never waits. A span's record is 120 bytes (plus attributes
+    /// when sampled); the default absorbs a 20,000-request burst from one thread while the
+    /// exporter gets no CPU (tests/agent_sampling.rs under load).
+    pub queue_spans: usize,
     /// Spans the exporter keeps while the collector is slow or away (not yet acknowledged).
     /// Past it the oldest are dropped and counted.
     pub max_pending_spans: usize,
     /// The memory those spans may take (each span's record and the strings it owns); the
     /// agent's memory cap while the collector is away. Past it the oldest are dropped and
-    /// counted. Besides it, each application thread's ring holds at most `queue_batches`
-    /// hand-offs of at most 128 spans.
+    /// counted. Besides it, each application thread holds at most `queue_spans` spans waiting
+    /// for the exporter.
     pub max_pending_bytes: usize,
     /// How often the exporter sends what it has.
     pub flush_interval: Duration,
@@ -64,7 +64,7 @@ impl Default for Config {
             protocol: Protocol::Native,
             token: String::new(),
             sampling_ratio: 1.0,
-            queue_batches: 65_536,
+            queue_spans: 65_536,
             max_pending_spans: 200_000,
             max_pending_bytes: 64 << 20,
             // Small, frequent sends: one large batch every half second showed as tail latency.

@@ -97,7 +97,7 @@ pub fn init(config: Config) -> Result<AgentGuard, InitError> {
         config.service.clone(),
         config.version.clone(),
         instance,
-        config.queue_batches,
+        config.queue_spans,
         config.sampling_ratio,
     );
     let agent = agent::install(agent).map_err(|()| InitError::AlreadyRunning)?;

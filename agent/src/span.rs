@@ -332,6 +332,10 @@ impl Local {
             return;
         };
         let ring = self.ring.get_or_insert_with(|| agent.new_ring());
+        if !ring.has_room(self.batch.records.len()) {
+            self.drop_finished(agent);
+            return;
+        }
         // A buffer the exporter emptied: growing a fresh one per hand-off cost more than the
         // spans (benches/README.md).
         // Fresh ones start small: most hand-offs are one request's few spans.
@@ -355,6 +359,47 @@ impl Local {
         }
         let ring = self.ring.as_mut().expect("made above");
         ring.send(full, agent);
+    }
+
+    /// The exporter is behind: this buffer's finished spans are dropped (and counted) and the
+    /// buffer is kept for what comes next, with the open spans' records moved to its front.
+    /// A thread outrunning the exporter thus reuses one warm buffer instead of allocating one
+    /// per hand-off.
+    fn drop_finished(&mut self, agent: &agent::Agent) {
+        let records = &mut self.batch.records;
+        let mut kept = 0;
+        // Open spans' records sit in stack order (a span's record is pushed when it is
+        // entered), so each moves to a slot at or before its own.
+        for frame in &mut self.stack {
+            if frame.record == NO_RECORD {
+                continue;
+            }
+            let at = frame.record as usize;
+            debug_assert!(at >= kept, "open records out of stack order");
+            if at < kept {
+                frame.record = NO_RECORD;
+                continue;
+            }
+            records.swap(kept, at);
+            frame.record = kept as u32;
+            kept += 1;
+        }
+        let dropped = records[kept..].iter().filter(|r| r.span_id != 0).count();
+        agent
+            .dropped_spans
+            .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
+        records.truncate(kept);
+        self.batch.traces.clear();
+        self.generation = self.generation.wrapping_add(1);
+        for i in 0..self.stack.len() {
+            let index = self.stack[i].record;
+            if index == NO_RECORD {
+                continue;
+            }
+            let trace = self.stack[i].trace.clone();
+            let slot = self.slot_of_entry(&trace);
+            self.batch.records[index as usize].trace = slot;
+        }
     }
 
     fn scoped_entry(&mut self, trace: &Arc<TraceCtx>) -> Rc<TraceEntry> {

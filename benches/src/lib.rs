@@ -27,6 +27,21 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// CPU time of `pid`'s threads whose name starts with `name` (the kernel's nanosecond
+/// run-time count, `schedstat`): what one part of a process costs, e.g. an agent's exporter.
+pub fn thread_cpu_seconds(pid: u32, name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.starts_with(name)))
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|schedstat| schedstat.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
+}
+
 /// Resident memory of `pid` in MiB: (all of it, the anonymous part: heap and stacks); zeros
 /// once the process is gone.
 pub fn rss_mib(pid: u32) -> (f64, f64) {

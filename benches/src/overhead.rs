@@ -20,7 +20,8 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use sightline_benches::{collector_binary, cpu_seconds, data_dir_env, rss_mib, CollectorProcess};
+use sightline_benches::{collector_binary, cpu_seconds, data_dir_env, rss_mib, thread_cpu_seconds, CollectorProcess};
+use sightline_proto::v1::{agent_message, agent_server, collector_message, Ack, AgentMessage, CollectorMessage};
 
 #[derive(Parser)]
 #[command(about = "Service latency and CPU with and without the sightline agent")]
@@ -48,7 +49,66 @@ struct Args {
     /// see the agent without its export work).
     #[arg(long)]
     agent_collector: Option<String>,
+    /// Also run, in every round, the agent with its collector absent (a closed port) beside
+    /// the agent exporting to the collector: what a collector outage does to the service,
+    /// compared with the agent's normal overhead measured in the same run.
+    #[arg(long)]
+    collector_absent_too: bool,
+    /// The agent sends to an acknowledging sink in this tool (decodes each batch, answers its
+    /// acknowledgement, keeps nothing) instead of the collector and ClickHouse: the agent's own
+    /// cost, without the backend's work on the machine the load generator shares.
+    #[arg(long)]
+    sink: bool,
 }
+
+/// The `sightline.v1` service at its smallest: every batch acknowledged, nothing kept.
+struct AckSink;
+
+#[tonic::async_trait]
+impl agent_server::Agent for AckSink {
+    type StreamStream = tokio_stream::wrappers::ReceiverStream<Result<CollectorMessage, tonic::Status>>;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<AgentMessage>>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                if let Some(agent_message::Body::Batch(batch)) = message.body {
+                    let ack = CollectorMessage {
+                        body: Some(collector_message::Body::Ack(Ack {
+                            batch_id: batch.batch_id,
+                        })),
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+/// Serves [`AckSink`] on a free local port; its address.
+async fn start_sink() -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(agent_server::AgentServer::new(AckSink))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Ok(format!("http://{address}"))
+}
+
+/// The agent's exporter thread's name (as the kernel shortens it).
+const EXPORTER_THREAD: &str = "sightline-expor";
+
+/// Where the agent sends when its collector is away: nothing listens on port 1.
+const CLOSED_PORT: &str = "http://127.0.0.1:1";
 
 struct Service(Child);
 
@@ -63,6 +123,8 @@ struct Outcome {
     p50_us: f64,
     p99_us: f64,
     cpu_cores: f64,
+    /// Of which the agent's exporter thread.
+    exporter_cores: f64,
     errors: u64,
     /// The service's resident memory: highest reading, and the mean of the measured period's
     /// last tenth (a rise to the end is an agent holding more and more).
@@ -136,6 +198,7 @@ async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::
     }
     load(&url, args.rate, Duration::from_secs(args.warmup)).await;
     let cpu = cpu_seconds(service.0.id());
+    let exporter_cpu = thread_cpu_seconds(service.0.id(), EXPORTER_THREAD);
     let started = Instant::now();
     let pid = service.0.id();
     let readings = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -151,6 +214,8 @@ async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::
     });
     let (mut latencies, errors) = load(&url, args.rate, Duration::from_secs(args.seconds)).await;
     let cpu_cores = (cpu_seconds(service.0.id()) - cpu) / started.elapsed().as_secs_f64();
+    let exporter_cores =
+        (thread_cpu_seconds(service.0.id(), EXPORTER_THREAD) - exporter_cpu) / started.elapsed().as_secs_f64();
     rss_sampler.abort();
     let mut readings = std::mem::take(&mut *readings.lock().expect("sampler"));
     if readings.is_empty() {
@@ -165,6 +230,7 @@ async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::
         p50_us: pct(0.5),
         p99_us: pct(0.99),
         cpu_cores,
+        exporter_cores,
         errors,
         rss_peak_mib,
         rss_end_mib,
@@ -182,6 +248,7 @@ fn median(outcomes: &[Outcome]) -> Outcome {
         p50_us: of(|o| o.p50_us),
         p99_us: of(|o| o.p99_us),
         cpu_cores: of(|o| o.cpu_cores),
+        exporter_cores: of(|o| o.exporter_cores),
         errors: outcomes.iter().map(|o| o.errors).sum(),
         rss_peak_mib: of(|o| o.rss_peak_mib),
         rss_end_mib: of(|o| o.rss_end_mib),
@@ -221,39 +288,63 @@ async fn main() -> anyhow::Result<()> {
     let mut command = Command::new("chrt");
     command.args(["--idle", "0"]).arg(collector_binary()?);
     let collector = CollectorProcess::start(command, &[data_dir_env(data.path())]).await?;
-    let grpc = format!("http://127.0.0.1:{}", collector.grpc);
+    let grpc = if args.sink {
+        start_sink().await?
+    } else {
+        format!("http://127.0.0.1:{}", collector.grpc)
+    };
 
     println!(
         "service-overhead: {} requests/s for {} s per mode, {} rounds, agent sampling {}",
         args.rate, args.seconds, args.rounds, args.sampling_ratio
     );
-    let (mut bares, mut agents) = (Vec::new(), Vec::new());
-    for round in 1..=args.rounds.max(1) {
-        let bare = run(&binary, None, &args).await?;
-        let agent = run(&binary, Some(args.agent_collector.as_deref().unwrap_or(&grpc)), &args).await?;
-        for (name, o) in [("bare", &bare), ("agent", &agent)] {
-            println!(
-                "  round {round} {name:5}  p50 {:7.0} us  p99 {:7.0} us  service CPU {:.4} cores  errors {}  \
-                 RSS peak {:.1} MiB, at the end {:.1} MiB",
-                o.p50_us, o.p99_us, o.cpu_cores, o.errors, o.rss_peak_mib, o.rss_end_mib
-            );
-        }
-        bares.push(bare);
-        agents.push(agent);
+    // The modes of a round, in the order they run: the service bare, with the agent, and
+    // optionally with the agent while its collector is away. (name, where the agent sends)
+    let mut modes: Vec<(&str, Option<&str>)> = vec![
+        ("bare", None),
+        ("agent", Some(args.agent_collector.as_deref().unwrap_or(&grpc))),
+    ];
+    if args.collector_absent_too {
+        modes.push(("absent", Some(CLOSED_PORT)));
     }
-    let (bare, agent) = (median(&bares), median(&agents));
-    for (name, o) in [("bare", &bare), ("agent", &agent)] {
+    let mut outcomes: Vec<Vec<Outcome>> = modes.iter().map(|_| Vec::new()).collect();
+    for round in 1..=args.rounds.max(1) {
+        for ((name, collector), outcomes) in modes.iter().zip(&mut outcomes) {
+            let o = run(&binary, *collector, &args).await?;
+            println!(
+                "  round {round} {name:6}  p50 {:7.0} us  p99 {:7.0} us  service CPU {:.4} cores \
+                 (exporter {:.4})  errors {}  RSS peak {:.1} MiB, at the end {:.1} MiB",
+                o.p50_us, o.p99_us, o.cpu_cores, o.exporter_cores, o.errors, o.rss_peak_mib, o.rss_end_mib
+            );
+            outcomes.push(o);
+        }
+    }
+    let medians: Vec<Outcome> = outcomes.iter().map(|o| median(o)).collect();
+    for ((name, _), o) in modes.iter().zip(&medians) {
         println!(
-            "  median {name:5}  p50 {:7.0} us  p99 {:7.0} us  service CPU {:.4} cores  RSS peak {:.1} MiB",
-            o.p50_us, o.p99_us, o.cpu_cores, o.rss_peak_mib
+            "  median {name:6}  p50 {:7.0} us  p99 {:7.0} us  service CPU {:.4} cores (exporter {:.4})  \
+             RSS peak {:.1} MiB",
+            o.p50_us, o.p99_us, o.cpu_cores, o.exporter_cores, o.rss_peak_mib
         );
     }
-    println!(
-        "  agent / bare: p99 {:+.1}%, p50 {:+.1}%, CPU {:+.1}%",
-        (agent.p99_us / bare.p99_us - 1.0) * 100.0,
-        (agent.p50_us / bare.p50_us - 1.0) * 100.0,
-        (agent.cpu_cores / bare.cpu_cores - 1.0) * 100.0
-    );
+    let bare = &medians[0];
+    for ((name, _), o) in modes.iter().zip(&medians).skip(1) {
+        println!(
+            "  {name} / bare: p99 {:+.1}%, p50 {:+.1}%, CPU {:+.1}%",
+            (o.p99_us / bare.p99_us - 1.0) * 100.0,
+            (o.p50_us / bare.p50_us - 1.0) * 100.0,
+            (o.cpu_cores / bare.cpu_cores - 1.0) * 100.0
+        );
+    }
+    if args.collector_absent_too {
+        let (agent, absent) = (&medians[1], &medians[2]);
+        println!(
+            "  absent / agent: p99 {:+.1}%, p50 {:+.1}%, CPU {:+.1}%",
+            (absent.p99_us / agent.p99_us - 1.0) * 100.0,
+            (absent.p50_us / agent.p50_us - 1.0) * 100.0,
+            (absent.cpu_cores / agent.cpu_cores - 1.0) * 100.0
+        );
+    }
     drop(collector);
     Ok(())
 }
