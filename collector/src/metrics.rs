@@ -80,6 +80,11 @@ pub struct Metrics {
     pub spool_refused_batches: Counter,
     /// Spool records that failed their checksum or could not be decoded.
     pub spool_corrupt_records: Counter,
+    /// The last seq made durable in the spool; with `spool_written_seq`, how far ClickHouse
+    /// is behind, in batches.
+    pub spool_durable_seq: Gauge,
+    /// Every batch up to this seq is in ClickHouse (in this run).
+    pub spool_written_seq: Gauge,
     /// Batches replayed from the spool whose rows the write ledger showed already written.
     pub replay_skipped: Family<TableLabel, Counter>,
     /// Alert evaluations, by outcome (ok, failed).
@@ -121,6 +126,8 @@ impl Metrics {
             spool_batches: Counter::default(),
             spool_refused_batches: Counter::default(),
             spool_corrupt_records: Counter::default(),
+            spool_durable_seq: Gauge::default(),
+            spool_written_seq: Gauge::default(),
             replay_skipped: Family::default(),
             alert_evaluations: Family::default(),
             alert_evaluation_lag_seconds: Gauge::default(),
@@ -233,6 +240,16 @@ impl Metrics {
             "spool_corrupt_records",
             "Spool records failing their checksum or undecodable",
             metrics.spool_corrupt_records.clone(),
+        );
+        registry.register(
+            "spool_durable_seq",
+            "The last seq made durable in the spool",
+            metrics.spool_durable_seq.clone(),
+        );
+        registry.register(
+            "spool_written_seq",
+            "Every spool batch up to this seq is in ClickHouse",
+            metrics.spool_written_seq.clone(),
         );
         registry.register(
             "replay_skipped",

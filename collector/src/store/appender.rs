@@ -124,6 +124,7 @@ pub fn start(
     let pending_bytes = Arc::new(AtomicU64::new(0));
     let disk_bytes = Arc::new(AtomicU64::new(files.bytes()));
     let (durable_tx, durable) = watch::channel(recovered.last_seq.unwrap_or(0));
+    metrics.spool_durable_seq.set(recovered.last_seq.unwrap_or(0) as i64);
     let written = Arc::new(AtomicU64::new(0));
     let handle = SpoolHandle {
         queue,
@@ -165,7 +166,9 @@ pub fn start(
             match result {
                 Ok(first_seq) => {
                     metrics.spool_batches.inc_by(group.len() as u64);
-                    durable_tx.send_replace(first_seq + group.len() as u64 - 1);
+                    let last = first_seq + group.len() as u64 - 1;
+                    metrics.spool_durable_seq.set(last as i64);
+                    durable_tx.send_replace(last);
                     for (i, append) in group.into_iter().enumerate() {
                         let _ = append.reply.send(Ok(first_seq + i as u64));
                     }

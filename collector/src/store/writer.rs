@@ -130,6 +130,7 @@ struct InsertJob {
 struct Progress {
     open: StdMutex<BTreeMap<u64, (u64, usize)>>,
     written: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
 
 impl Progress {
@@ -153,7 +154,8 @@ impl Progress {
                 break;
             }
             entry.remove();
-            self.written.fetch_max(hi, Ordering::Release);
+            let before = self.written.fetch_max(hi, Ordering::Release);
+            self.metrics.spool_written_seq.set(before.max(hi) as i64);
         }
     }
 }
@@ -222,6 +224,7 @@ pub fn start(
     let progress = Arc::new(Progress {
         open: StdMutex::new(BTreeMap::new()),
         written: feed.written.clone(),
+        metrics: metrics.clone(),
     });
     let draining = Arc::new(AtomicBool::new(false));
     let mut tasks = JoinSet::new();
