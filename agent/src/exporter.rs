@@ -9,6 +9,7 @@
 //! drops.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, VecDeque},
     hash::{Hash, Hasher},
     sync::atomic::Ordering,
@@ -40,6 +41,8 @@ use crate::{
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 /// RED histograms per 10-second window: short load tests compare in 10-second blocks.
 const RED_WINDOW_SECS: u64 = 10;
+/// The attribute a span's HTTP status is exported as.
+const HTTP_STATUS_KEY: &str = "http.response.status_code";
 /// Spans per batch: ~1 MB on the wire, far under the collector's request limit.
 const MAX_BATCH_SPANS: usize = 8192;
 
@@ -55,6 +58,8 @@ pub(crate) struct Finished {
     pub bt: SharedName,
     pub start_unix_ns: u64,
     pub duration_ns: u64,
+    /// 0: none.
+    pub http_status: u16,
     pub detail: Option<Box<Detail>>,
 }
 
@@ -65,6 +70,15 @@ impl Finished {
 
     pub(crate) fn caller(&self) -> Option<&(String, String)> {
         self.detail.as_ref().and_then(|d| d.caller.as_ref())
+    }
+
+    /// The span's attributes, its HTTP status among them.
+    pub(crate) fn attributes(&self) -> impl Iterator<Item = (&str, Cow<'_, str>)> {
+        let status = (self.http_status != 0).then(|| (HTTP_STATUS_KEY, Cow::Owned(self.http_status.to_string())));
+        let given = self.detail.iter().flat_map(|d| d.attributes.iter());
+        status
+            .into_iter()
+            .chain(given.map(|(k, v)| (k.as_ref(), Cow::Borrowed(v.as_str()))))
     }
 }
 
@@ -249,10 +263,37 @@ fn stage(span: &Record) -> &'static str {
 #[derive(Default)]
 struct Dictionary {
     index: FxHashMap<String, u32>,
+    /// Ids of static names by address and length: no hashing and comparing of their text (an
+    /// address of a `&'static str` never holds other text).
+    statics: FxHashMap<(usize, usize), u32>,
     added: Vec<String>,
 }
 
 impl Dictionary {
+    fn id_static(&mut self, s: &'static str) -> u32 {
+        let key = (s.as_ptr() as usize, s.len());
+        if let Some(&i) = self.statics.get(&key) {
+            return i;
+        }
+        let i = self.id(s);
+        self.statics.insert(key, i);
+        i
+    }
+
+    fn id_name(&mut self, name: &Name) -> u32 {
+        match name {
+            Name::Borrowed(s) => self.id_static(s),
+            Name::Owned(s) => self.id(s),
+        }
+    }
+
+    fn id_shared(&mut self, name: &SharedName) -> u32 {
+        match name {
+            SharedName::Static(s) => self.id_static(s),
+            SharedName::Shared(s) => self.id(s),
+        }
+    }
+
     fn id(&mut self, s: &str) -> u32 {
         if s.is_empty() {
             return 0;
@@ -276,6 +317,9 @@ pub(crate) struct Exporter {
     red: RedTable,
     next_batch_id: u64,
     sent_spans: u64,
+    /// Spans the last drain kept: the next one's starting capacity, so that a drain's vector
+    /// is not grown (and copied) step by step.
+    last_kept: usize,
 }
 
 impl Exporter {
@@ -290,6 +334,7 @@ impl Exporter {
             red: RedTable::default(),
             next_batch_id,
             sent_spans: 0,
+            last_kept: 0,
         }
     }
 
@@ -487,7 +532,7 @@ impl Exporter {
     /// Takes everything the application threads handed off: RED for all, spans kept when
     /// sampled.
     fn collect(&mut self) {
-        let mut incoming = Vec::new();
+        let mut incoming = Vec::with_capacity(self.last_kept);
         let red = &mut self.red;
         self.agent.drain(|batch: &mut span::Batch| {
             // Holes (span id 0) are spans that were still open and moved to a later batch.
@@ -517,11 +562,13 @@ impl Exporter {
                         bt: trace.bt.clone(),
                         start_unix_ns,
                         duration_ns,
+                        http_status: span.http_status,
                         detail: span.detail,
                     });
                 }
             }
         });
+        self.last_kept = incoming.len();
         if incoming.is_empty() {
             return;
         }
@@ -614,11 +661,11 @@ impl Exporter {
                 trace_id: s.trace_id.to_be_bytes().to_vec(),
                 span_id: s.span_id,
                 parent_span_id: s.parent_span_id,
-                operation: dictionary.id(&s.operation),
+                operation: dictionary.id_name(&s.operation),
                 kind: kind(s.kind) as i32,
-                component: dictionary.id(&s.component),
-                peer: dictionary.id(&s.peer),
-                business_transaction: dictionary.id(&s.bt),
+                component: dictionary.id_name(&s.component),
+                peer: dictionary.id_name(&s.peer),
+                business_transaction: dictionary.id_shared(&s.bt),
                 start_unix_nanos: s.start_unix_ns,
                 duration_nanos: s.duration_ns,
                 status: if s.error().is_some() {
@@ -628,15 +675,13 @@ impl Exporter {
                 } as i32,
                 error_type: s.error().map_or(0, |e| dictionary.id(&e.0)),
                 error_message: s.error().map(|e| e.1.clone()).unwrap_or_default(),
-                attributes: s.detail.as_ref().map_or_else(Vec::new, |d| {
-                    d.attributes
-                        .iter()
-                        .map(|(k, v)| Attribute {
-                            key: dictionary.id(k),
-                            value: v.clone(),
-                        })
-                        .collect()
-                }),
+                attributes: s
+                    .attributes()
+                    .map(|(k, v)| Attribute {
+                        key: dictionary.id(k),
+                        value: v.into_owned(),
+                    })
+                    .collect(),
                 caller_service: s.caller().map_or(0, |c| dictionary.id(&c.0)),
                 caller_operation: s.caller().map_or(0, |c| dictionary.id(&c.1)),
             })
@@ -646,10 +691,10 @@ impl Exporter {
             .iter()
             .map(|(k, v)| LatencyHistogram {
                 window_unix_seconds: k.window,
-                business_transaction: dictionary.id(&k.bt),
-                operation: dictionary.id(&k.operation),
+                business_transaction: dictionary.id_shared(&k.bt),
+                operation: dictionary.id_name(&k.operation),
                 kind: kind(k.kind) as i32,
-                stage: dictionary.id(k.stage),
+                stage: dictionary.id_static(k.stage),
                 status: if k.error { WireStatus::Error } else { WireStatus::Unset } as i32,
                 calls: v.calls,
                 errors: v.errors,
@@ -711,6 +756,7 @@ impl Exporter {
         // Heartbeats add no strings: the resource's strings are sent in a batch first.
         let mut probe = Dictionary {
             index: dictionary.index.clone(),
+            statics: FxHashMap::default(),
             added: vec![],
         };
         let resource = self.resource(&mut probe);
@@ -774,6 +820,7 @@ mod tests {
                 parent_span_id: 0,
                 start_raw: crate::clock::now_raw(),
                 end_raw: crate::clock::now_raw(),
+                http_status: 0,
                 operation: Name::Borrowed("INSERT row"),
                 component: Name::Borrowed("db"),
                 peer: Name::Borrowed("postgres"),

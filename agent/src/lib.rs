@@ -50,6 +50,7 @@ mod config;
 mod exporter;
 pub mod future;
 mod inflight;
+mod names;
 mod otlp;
 pub mod propagation;
 #[cfg(feature = "reqwest")]

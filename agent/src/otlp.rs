@@ -138,9 +138,7 @@ fn span(finished: &Finished) -> Span {
             code: StatusCode::Error as i32,
         });
     }
-    if let Some(detail) = &finished.detail {
-        attributes.extend(detail.attributes.iter().map(|(k, v)| kv(k, v)));
-    }
+    attributes.extend(finished.attributes().map(|(k, v)| kv(k, &v)));
     Span {
         trace_id: finished.trace_id.to_be_bytes().to_vec(),
         span_id: finished.span_id.to_be_bytes().to_vec(),

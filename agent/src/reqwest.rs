@@ -72,7 +72,7 @@ impl Middleware for TracingMiddleware {
         match &outcome {
             Ok(response) => {
                 let status = response.status();
-                span.set_attribute("http.response.status_code", status.as_u16());
+                span.set_http_status(status.as_u16());
                 if status.is_server_error() {
                     span.set_error(
                         format!("HTTP {}", status.as_u16()),

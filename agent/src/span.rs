@@ -130,6 +130,9 @@ pub(crate) struct Record {
     pub kind: Kind,
     /// The entry span of its service: registered as an open transaction while it runs.
     pub entry: bool,
+    /// The HTTP response status of a server or client span (0: none); in the record's padding,
+    /// so that the usual attribute costs no allocation.
+    pub http_status: u16,
     /// 0 for the hole an open span leaves when it moves to the next buffer.
     pub span_id: u64,
     pub parent_span_id: u64,
@@ -147,6 +150,7 @@ impl Record {
         trace: 0,
         kind: Kind::Internal,
         entry: false,
+        http_status: 0,
         span_id: 0,
         parent_span_id: 0,
         start_raw: 0,
@@ -535,6 +539,7 @@ impl SpanBuilder {
             trace: 0,
             kind: self.kind,
             entry: false,
+            http_status: 0,
             span_id: ids::next_u64(),
             parent_span_id,
             start_raw: clock::now_raw(),
@@ -618,6 +623,7 @@ impl SpanBuilder {
             trace: 0,
             kind: self.kind,
             entry: true,
+            http_status: 0,
             span_id,
             parent_span_id,
             start_raw,
@@ -699,6 +705,7 @@ impl SpanBuilder {
                 trace: slot,
                 kind: self.kind,
                 entry: false,
+                http_status: 0,
                 span_id,
                 parent_span_id,
                 start_raw: clock::now_raw(),
@@ -763,6 +770,14 @@ impl Span {
     pub fn set_error(&mut self, error_type: impl Into<Name>, message: impl ToString) {
         if let Some(data) = &mut self.data {
             data.record.set_error(error_type, message);
+        }
+    }
+
+    /// The HTTP response status, exported as `http.response.status_code`.
+    #[cfg_attr(not(any(feature = "reqwest", test)), allow(dead_code))]
+    pub(crate) fn set_http_status(&mut self, status: u16) {
+        if let Some(data) = &mut self.data {
+            data.record.http_status = status;
         }
     }
 

@@ -10,21 +10,27 @@
 //! ```
 
 use std::{
+    cell::RefCell,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, RwLock},
     task::{Context, Poll},
 };
 
-use http::{HeaderValue, Request, Response};
+use http::{header::HeaderName, HeaderMap, HeaderValue, Request, Response};
+use rustc_hash::FxHashMap;
 use tower::{Layer, Service};
 
 use crate::{
-    propagation,
+    names, propagation,
     span::{Kind, Name, Span, SpanBuilder},
 };
 
 type NamingRule = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Each operation's BT by the layer's rule, worked out on the operation's first request (a
+/// rule is a function of the operation). Operations and BTs are interned ([`names`]).
+type BtByOperation = Arc<RwLock<FxHashMap<&'static str, Option<&'static str>>>>;
 
 /// Starts a business transaction per request: context from `traceparent`/`baggage`, the
 /// operation from the route template (axum, with the `axum` feature) or the gRPC method, never
@@ -32,6 +38,7 @@ type NamingRule = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct ServerLayer {
     naming: Option<NamingRule>,
+    bts: BtByOperation,
 }
 
 impl ServerLayer {
@@ -41,9 +48,11 @@ impl ServerLayer {
     }
 
     /// A naming rule: from the operation (`POST /login`, `/chat.Agent/Accept`) to the business
-    /// transaction (`Login`). Operations it does not name are their own BT.
+    /// transaction (`Login`). Operations it does not name are their own BT. The rule runs once
+    /// per operation and its answer is kept: it must depend on the operation alone.
     pub fn naming(mut self, rule: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
         self.naming = Some(Arc::new(rule));
+        self.bts = BtByOperation::default();
         self
     }
 }
@@ -55,6 +64,7 @@ impl<S> Layer<S> for ServerLayer {
         ServerService {
             inner,
             naming: self.naming.clone(),
+            bts: self.bts.clone(),
         }
     }
 }
@@ -64,6 +74,37 @@ impl<S> Layer<S> for ServerLayer {
 pub struct ServerService<S> {
     inner: S,
     naming: Option<NamingRule>,
+    bts: BtByOperation,
+}
+
+impl<S> ServerService<S> {
+    /// The operation and its BT (`None`: the operation is its own). Interned names after an
+    /// operation's first request, so a request allocates no name.
+    fn names(&self, operation: &str) -> (Name, Option<Name>) {
+        let known = self
+            .bts
+            .read()
+            .ok()
+            .and_then(|bts| bts.get_key_value(operation).map(|(&kept, &bt)| (kept, bt)));
+        if let Some((kept, bt)) = known {
+            return (Name::Borrowed(kept), bt.map(Name::Borrowed));
+        }
+        let bt = self.naming.as_ref().and_then(|rule| rule(operation));
+        let interned = names::intern(operation).zip(match &bt {
+            Some(bt) => names::intern(bt).map(Some),
+            None => Some(None),
+        });
+        match interned {
+            Some((kept, kept_bt)) => {
+                if let Ok(mut bts) = self.bts.write() {
+                    bts.insert(kept, kept_bt);
+                }
+                (Name::Borrowed(kept), kept_bt.map(Name::Borrowed))
+            }
+            // Past the interning bounds: owned names, as many as the rule makes.
+            None => (Name::Owned(operation.to_owned()), bt.map(Name::Owned)),
+        }
+    }
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ServerService<S>
@@ -80,10 +121,13 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let remote = propagation::extract(|name| request.headers().get(name).and_then(|v| v.to_str().ok()));
-        let operation = server_operation(&request);
-        let bt = self.naming.as_ref().and_then(|rule| rule(&operation));
-        let mut builder = SpanBuilder::new(operation.into(), Kind::Server, None).child_of(remote);
+        let remote = propagation::extract(|name| header(request.headers(), name));
+        let (operation, bt) = OPERATION.with_borrow_mut(|operation| {
+            operation.clear();
+            server_operation(&request, operation);
+            self.names(operation)
+        });
+        let mut builder = SpanBuilder::new(operation, Kind::Server, None).child_of(remote);
         if let Some(bt) = bt {
             builder = builder.business_transaction(bt);
         }
@@ -227,10 +271,10 @@ fn record_outcome<B, E: std::fmt::Display>(span: &mut Span, outcome: &Result<Res
     match outcome {
         Ok(response) => {
             let status = response.status();
-            span.set_attribute("http.response.status_code", status.as_u16());
+            span.set_http_status(status.as_u16());
             let grpc_status = response
                 .headers()
-                .get("grpc-status")
+                .get(&GRPC_STATUS)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("0");
             if status.is_server_error() {
@@ -241,7 +285,7 @@ fn record_outcome<B, E: std::fmt::Display>(span: &mut Span, outcome: &Result<Res
             } else if grpc_status != "0" {
                 let message = response
                     .headers()
-                    .get("grpc-message")
+                    .get(&GRPC_MESSAGE)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
                 span.set_error(format!("gRPC {grpc_status}"), message);
@@ -259,15 +303,41 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
         .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
-/// A bounded operation name: the gRPC method, the route template, or the method alone.
-fn server_operation<B>(request: &Request<B>) -> String {
+thread_local! {
+    /// Where a request's operation name is put together: no allocation per request.
+    static OPERATION: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+// Header names made once: a name given as a string is parsed at every lookup.
+static TRACEPARENT: HeaderName = HeaderName::from_static(propagation::TRACEPARENT);
+static BAGGAGE: HeaderName = HeaderName::from_static(propagation::BAGGAGE);
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// A propagation header by its name.
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let value = match name {
+        propagation::TRACEPARENT => headers.get(&TRACEPARENT),
+        propagation::BAGGAGE => headers.get(&BAGGAGE),
+        _ => headers.get(name),
+    };
+    value.and_then(|v| v.to_str().ok())
+}
+
+/// A bounded operation name, into `out`: the gRPC method, the route template, or the method
+/// alone.
+fn server_operation<B>(request: &Request<B>, out: &mut String) {
     if is_grpc(request) {
-        return request.uri().path().to_string();
+        out.push_str(request.uri().path());
+        return;
     }
     #[cfg(feature = "axum")]
     if let Some(route) = request.extensions().get::<axum::extract::MatchedPath>() {
-        return format!("{} {}", request.method(), route.as_str());
+        out.push_str(request.method().as_str());
+        out.push(' ');
+        out.push_str(route.as_str());
+        return;
     }
     // Raw paths carry ids and would make names unbounded: without a template, the method only.
-    request.method().to_string()
+    out.push_str(request.method().as_str());
 }

@@ -59,6 +59,10 @@ struct Args {
     /// cost, without the backend's work on the machine the load generator shares.
     #[arg(long)]
     sink: bool,
+    /// Only serve the acknowledging sink on this address until interrupted (for measuring the
+    /// service by other means, e.g. instruction counts under callgrind; benches/README.md).
+    #[arg(long)]
+    serve_sink: Option<std::net::SocketAddr>,
 }
 
 /// The `sightline.v1` service at its smallest: every batch acknowledged, nothing kept.
@@ -93,8 +97,8 @@ impl agent_server::Agent for AckSink {
 }
 
 /// Serves [`AckSink`] on a free local port; its address.
-async fn start_sink() -> anyhow::Result<String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+async fn start_sink(address: std::net::SocketAddr) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
     let address = listener.local_addr()?;
     tokio::spawn(
         tonic::transport::Server::builder()
@@ -258,6 +262,11 @@ fn median(outcomes: &[Outcome]) -> Outcome {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(address) = args.serve_sink {
+        println!("acknowledging sink at {}", start_sink(address).await?);
+        tokio::signal::ctrl_c().await?;
+        return Ok(());
+    }
     if let Some(cpu) = args.service_cpu {
         // Everything else here, and the ClickHouse child started below, on the other CPUs.
         let others: Vec<String> = (0..std::thread::available_parallelism()?.get())
@@ -289,7 +298,7 @@ async fn main() -> anyhow::Result<()> {
     command.args(["--idle", "0"]).arg(collector_binary()?);
     let collector = CollectorProcess::start(command, &[data_dir_env(data.path())]).await?;
     let grpc = if args.sink {
-        start_sink().await?
+        start_sink(([127, 0, 0, 1], 0).into()).await?
     } else {
         format!("http://127.0.0.1:{}", collector.grpc)
     };

@@ -70,7 +70,13 @@ impl Collector {
         let metrics = Arc::new(Metrics::new());
         let spool_dir = config.spool_dir();
         let (spool, feed) = appender::start(&spool_dir, &config.spool, config.writer.queue_batches, metrics.clone())?;
-        let writer_tasks = writer::start(client.clone(), &config.writer, &spool_dir, feed, metrics.clone());
+        let writer_tasks = writer::start(
+            store::writer_client(&url, database, &config.clickhouse),
+            &config.writer,
+            &spool_dir,
+            feed,
+            metrics.clone(),
+        );
         let pipeline = Pipeline::new(
             config.limits.clone(),
             &config.edges,

@@ -19,18 +19,37 @@ use crate::config::ClickHouseConfig;
 /// client-side with `?`. Inserts are LZ4-compressed only when the server is remote: on
 /// loopback compression costs both sides CPU and saves nothing.
 pub fn client(url: &str, database: &str, config: &ClickHouseConfig) -> Client {
+    with_settings(Client::default(), url, database, config)
+}
+
+fn with_settings(client: Client, url: &str, database: &str, config: &ClickHouseConfig) -> Client {
     let compression = if is_loopback(url) {
         Compression::None
     } else {
         Compression::Lz4
     };
-    Client::default()
+    client
         .with_compression(compression)
         .with_url(url)
         .with_database(database)
         .with_user(&config.user)
         .with_password(&config.password)
         .with_validation(false)
+}
+
+/// [`client`] for the writer: a connection per INSERT, none kept idle. ClickHouse's graceful
+/// stop waits `shutdown_wait_unfinished` (5 s) for open connections, serving new requests on
+/// them meanwhile, then exits in the middle of whatever INSERT runs; an INSERT cut between its
+/// views leaves rows without their ledger row, and its retry writes them twice. Without idle
+/// connections, an INSERT cannot start once the stop began (connects are refused) and one
+/// already running has those seconds to finish.
+pub fn writer_client(url: &str, database: &str, config: &ClickHouseConfig) -> Client {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector);
+    with_settings(Client::with_http_client(http), url, database, config)
 }
 
 fn is_loopback(url: &str) -> bool {
