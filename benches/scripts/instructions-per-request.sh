@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Instructions per request of examples' hello-service, bare and with the agent exporting to an
+# acknowledging sink, counted by callgrind (all threads, after 300 warm-up requests). Counts do
+# not move with the machine's load, unlike CPU time: the agent's share is a stable figure.
+#
+# Needs valgrind (apt-get install valgrind) and the release binaries:
+#   cargo build --release -p sightline-examples -p sightline-benches
+# Run: benches/scripts/instructions-per-request.sh [REQUESTS]   (default 3000)
+set -euo pipefail
+requests=${1:-3000}
+bin=${CARGO_TARGET_DIR:-target}/release
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+sink_port=$((30000 + RANDOM % 10000))
+"$bin/service-overhead" --serve-sink "127.0.0.1:$sink_port" > "$work/sink.log" &
+sleep 1
+
+cat > "$work/load.py" <<'PY'
+import http.client, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(600):
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60); c.connect(); break
+    except OSError:
+        time.sleep(0.1)
+for i in range(n):
+    c.request("GET", f"/users/{i}")
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+PY
+
+# Prints the instructions per measured request of one mode.
+measure() {
+  local mode=$1 port=$((20000 + RANDOM % 10000))
+  local args=(--listen "127.0.0.1:$port")
+  [ "$mode" = agent ] && args+=(--collector "http://127.0.0.1:$sink_port")
+  valgrind --tool=callgrind --separate-threads=yes --instr-atstart=no \
+    --callgrind-out-file="$work/$mode.%p" "$bin/hello-service" "${args[@]}" 2> "$work/$mode.valgrind.log" &
+  local pid=$!
+  python3 "$work/load.py" "$port" 300
+  callgrind_control -i on "$pid" > /dev/null 2>&1
+  python3 "$work/load.py" "$port" "$requests"
+  callgrind_control -i off "$pid" > /dev/null 2>&1
+  kill -INT "$pid"; wait "$pid" || true
+  local total=0 thread
+  for file in "$work/$mode".*-*; do
+    thread=$(awk '/^totals:/ {print $2; exit}' "$file")
+    total=$((total + thread))
+  done
+  echo $((total / requests))
+}
+
+bare=$(measure bare)
+agent=$(measure agent)
+echo "instructions per request: bare $bare, agent $agent (+$(( (agent - bare) * 1000 / bare / 10 )).$(( (agent - bare) * 1000 / bare % 10 ))%)"
+echo "agent, per thread and request: $(for f in "$work"/agent.*-*; do
+  awk -v n="$requests" '/^totals:/ {printf "%d ", $2 / n; exit}' "$f"; done)"
