@@ -16,10 +16,12 @@ use std::sync::{
 use crate::span::Batch;
 
 /// Emptied buffers waiting to go back to a thread; beyond it they are freed. A thread hands off
-/// at the end of every request, so this covers a drain interval of hand-offs (200 at 2,000
-/// requests/s a thread): with fewer, a thread allocated most buffers and the exporter freed
-/// them, and malloc's cross-thread path cost more than the spans (callgrind, benches/README.md).
-const SPARE_BATCHES: usize = 256;
+/// about twice a request (when a handler's poll ends, and when its response is done), so this
+/// covers a drain interval of hand-offs at 5,000 requests/s a thread: with fewer, a thread
+/// allocated most buffers and the exporter freed them, and malloc's cross-thread path cost more
+/// than the spans (callgrind, benches/README.md). Buffers exist only as far as hand-offs made
+/// them; the ring itself is 48 bytes a slot.
+const SPARE_BATCHES: usize = 1024;
 
 pub(crate) struct Agent {
     service: String,

@@ -20,8 +20,8 @@ use rustc_hash::FxHashMap;
 use sightline_proto::{
     histogram,
     v1::{
-        agent_client::AgentClient, agent_message, collector_message, AgentMessage, Attribute, Batch, Heartbeat,
-        InflightTransaction, LatencyHistogram, Resource, Span as WireSpan, SpanKind, Status as WireStatus,
+        agent_message, collector_message, AgentMessage, Batch, CollectorMessage, Heartbeat, InflightTransaction,
+        LatencyHistogram, Resource, SpanKind, Status as WireStatus,
     },
 };
 use tokio::sync::{mpsc, oneshot};
@@ -33,6 +33,7 @@ use crate::{
     config::{Config, Protocol},
     inflight, otlp,
     span::{self, Detail, Kind, Name, Record, SharedName},
+    wire::{BatchWriter, Encoded, SpanFields},
 };
 
 /// How often the threads' rings are emptied when not at a flush. Every 10 ms cost the exporter
@@ -41,6 +42,8 @@ use crate::{
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 /// RED histograms per 10-second window: short load tests compare in 10-second blocks.
 const RED_WINDOW_SECS: u64 = 10;
+/// The native stream's method.
+const STREAM_PATH: &str = "/sightline.v1.Agent/Stream";
 /// The attribute a span's HTTP status is exported as.
 const HTTP_STATUS_KEY: &str = "http.response.status_code";
 /// Spans per batch: ~1 MB on the wire, far under the collector's request limit.
@@ -135,7 +138,7 @@ fn span_bytes(span: &Finished) -> usize {
     std::mem::size_of::<Finished>() + owned(&span.operation) + owned(&span.component) + owned(&span.peer) + detail
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct RedKey {
     window: u64,
     bt: SharedName,
@@ -173,10 +176,62 @@ impl RedValue {
 
 /// RED per key. Keys are found by a fingerprint of their parts, so that a span whose key exists
 /// (nearly every span) costs a hash and a compare, no allocation: building an owned key per span
-/// showed in the exporter's profile.
+/// showed in the exporter's profile. Before that, a key of static names is looked up by the
+/// names' addresses in a direct-mapped slot: no hashing or comparing of text for the few keys
+/// that make most spans.
 #[derive(Default)]
 struct RedTable {
-    by_fingerprint: FxHashMap<u64, Vec<(RedKey, RedValue)>>,
+    entries: Vec<(RedKey, RedValue)>,
+    /// Fingerprint to indices into `entries`.
+    by_fingerprint: FxHashMap<u64, Vec<u32>>,
+    /// [`RECENT_RED_SLOTS`] slots once used.
+    recent: Vec<Option<(StaticIdentity, u32)>>,
+}
+
+const RECENT_RED_SLOTS: usize = 64;
+
+/// A key whose names are all static, by the names' addresses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct StaticIdentity {
+    window: u64,
+    bt: (usize, usize),
+    operation: (usize, usize),
+    stage: usize,
+    kind: Kind,
+    error: bool,
+}
+
+impl StaticIdentity {
+    fn of(
+        window: u64,
+        bt: &SharedName,
+        operation: &Name,
+        kind: Kind,
+        stage: &'static str,
+        error: bool,
+    ) -> Option<Self> {
+        let (SharedName::Static(bt), Name::Borrowed(operation)) = (bt, operation) else {
+            return None;
+        };
+        Some(Self {
+            window,
+            bt: (bt.as_ptr() as usize, bt.len()),
+            operation: (operation.as_ptr() as usize, operation.len()),
+            stage: stage.as_ptr() as usize,
+            kind,
+            error,
+        })
+    }
+
+    /// Which of [`RECENT_RED_SLOTS`] slots it takes.
+    fn slot(&self) -> u64 {
+        let mixed = (self.bt.0 ^ self.operation.0.rotate_left(17) ^ self.stage.rotate_left(31)) as u64
+            ^ self.window
+            ^ ((self.kind as u64) << 1)
+            ^ u64::from(self.error);
+        // The top 6 bits: 0..RECENT_RED_SLOTS.
+        mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58
+    }
 }
 
 impl RedTable {
@@ -191,6 +246,15 @@ impl RedTable {
         error: bool,
         micros: u64,
     ) {
+        let identity = StaticIdentity::of(window, bt, operation, kind, stage, error);
+        if let Some(identity) = identity {
+            if let Some(Some((seen, index))) = self.recent.get(identity.slot() as usize) {
+                if *seen == identity {
+                    self.entries[*index as usize].1.record(micros, error);
+                    return;
+                }
+            }
+        }
         let mut hasher = rustc_hash::FxHasher::default();
         (window, &**bt, operation.as_ref(), kind, stage, error).hash(&mut hasher);
         let same = |k: &RedKey| {
@@ -202,11 +266,9 @@ impl RedTable {
                 && k.operation == *operation
         };
         let slot = self.by_fingerprint.entry(hasher.finish()).or_default();
-        match slot.iter_mut().find(|(k, _)| same(k)) {
-            Some((_, value)) => value.record(micros, error),
+        let index = match slot.iter().find(|&&i| same(&self.entries[i as usize].0)) {
+            Some(&i) => i,
             None => {
-                let mut value = RedValue::default();
-                value.record(micros, error);
                 let key = RedKey {
                     window,
                     bt: bt.clone(),
@@ -215,8 +277,18 @@ impl RedTable {
                     stage,
                     error,
                 };
-                slot.push((key, value));
+                self.entries.push((key, RedValue::default()));
+                let i = (self.entries.len() - 1) as u32;
+                slot.push(i);
+                i
             }
+        };
+        self.entries[index as usize].1.record(micros, error);
+        if let Some(identity) = identity {
+            if self.recent.is_empty() {
+                self.recent.resize(RECENT_RED_SLOTS, None);
+            }
+            self.recent[identity.slot() as usize] = Some((identity, index));
         }
     }
 
@@ -233,18 +305,23 @@ impl RedTable {
         )
             .hash(&mut hasher);
         let slot = self.by_fingerprint.entry(hasher.finish()).or_default();
-        match slot.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, existing)) => existing.add(value),
-            None => slot.push((key, value)),
+        match slot.iter().find(|&&i| self.entries[i as usize].0 == key) {
+            Some(&i) => self.entries[i as usize].1.add(value),
+            None => {
+                self.entries.push((key, value));
+                slot.push((self.entries.len() - 1) as u32);
+            }
         }
     }
 
     fn drain(&mut self) -> Vec<(RedKey, RedValue)> {
-        self.by_fingerprint.drain().flat_map(|(_, slot)| slot).collect()
+        self.by_fingerprint.clear();
+        self.recent.clear();
+        std::mem::take(&mut self.entries)
     }
 
     fn clear(&mut self) {
-        self.by_fingerprint.clear();
+        self.drain();
     }
 }
 
@@ -260,23 +337,47 @@ fn stage(span: &Record) -> &'static str {
 }
 
 /// Per-stream string table; index 0 is "".
-#[derive(Default)]
 struct Dictionary {
     index: FxHashMap<String, u32>,
     /// Ids of static names by address and length: no hashing and comparing of their text (an
     /// address of a `&'static str` never holds other text).
     statics: FxHashMap<(usize, usize), u32>,
+    recent: [((usize, usize), u32); RECENT_SLOTS],
     added: Vec<String>,
 }
+
+impl Default for Dictionary {
+    fn default() -> Self {
+        Self {
+            index: FxHashMap::default(),
+            statics: FxHashMap::default(),
+            // Address 0 is no name's.
+            recent: [((0, 0), 0); RECENT_SLOTS],
+            added: Vec::new(),
+        }
+    }
+}
+
+/// Slots of [`Dictionary::recent`].
+const RECENT_SLOTS: usize = 64;
 
 impl Dictionary {
     fn id_static(&mut self, s: &'static str) -> u32 {
         let key = (s.as_ptr() as usize, s.len());
-        if let Some(&i) = self.statics.get(&key) {
-            return i;
+        // A few names make most spans: a direct-mapped slot by address answers before the map.
+        let slot = &mut self.recent[(key.0 >> 3) % RECENT_SLOTS];
+        if slot.0 == key {
+            return slot.1;
         }
-        let i = self.id(s);
-        self.statics.insert(key, i);
+        let i = match self.statics.get(&key) {
+            Some(&i) => i,
+            None => {
+                let i = self.id(s);
+                self.statics.insert(key, i);
+                i
+            }
+        };
+        self.recent[(key.0 >> 3) % RECENT_SLOTS] = (key, i);
         i
     }
 
@@ -285,6 +386,15 @@ impl Dictionary {
             Name::Borrowed(s) => self.id_static(s),
             Name::Owned(s) => self.id(s),
         }
+    }
+
+    /// The id of a name given one already; 0 otherwise.
+    fn known(&self, name: &Name) -> u32 {
+        match name {
+            Name::Borrowed(s) => self.statics.get(&(s.as_ptr() as usize, s.len())).copied(),
+            Name::Owned(s) => self.index.get(s.as_str()).copied(),
+        }
+        .unwrap_or(0)
     }
 
     fn id_shared(&mut self, name: &SharedName) -> u32 {
@@ -439,15 +549,26 @@ impl Exporter {
 
     /// One stream to the collector. Ok when stopped, Err when the stream broke.
     async fn session(&mut self, stop: &mut oneshot::Receiver<()>) -> Result<(), String> {
-        let mut client = AgentClient::connect(self.config.collector.clone())
+        let channel = tonic::transport::Channel::from_shared(self.config.collector.clone())
+            .map_err(|e| e.to_string())?
+            .connect()
             .await
             .map_err(|e| e.to_string())?;
-        let (tx, rx) = mpsc::channel::<AgentMessage>(64);
+        let mut client = tonic::client::Grpc::new(channel);
+        client.ready().await.map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel::<Encoded>(64);
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         if let Some(value) = crate::otlp::authorization(&self.config.token)? {
             request.metadata_mut().insert("authorization", value);
         }
-        let mut inbound = client.stream(request).await.map_err(|e| e.to_string())?.into_inner();
+        // Messages go out as `wire` encoded them; the collector's come back through prost.
+        let codec = tonic_prost::ProstCodec::<Encoded, CollectorMessage>::default();
+        let path = http::uri::PathAndQuery::from_static(STREAM_PATH);
+        let mut inbound = client
+            .streaming(request, path, codec)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
         let mut dictionary = Dictionary::default();
         // Everything not yet acknowledged goes again on this stream, oldest first.
         for i in 0..self.pending.len() {
@@ -532,7 +653,8 @@ impl Exporter {
     /// Takes everything the application threads handed off: RED for all, spans kept when
     /// sampled.
     fn collect(&mut self) {
-        let mut incoming = Vec::with_capacity(self.last_kept);
+        // Room for half as many again as last time: growing past it copies the whole vector.
+        let mut incoming = Vec::with_capacity(self.last_kept + self.last_kept / 2 + 16);
         let red = &mut self.red;
         self.agent.drain(|batch: &mut span::Batch| {
             // Holes (span id 0) are spans that were still open and moved to a later batch.
@@ -572,8 +694,8 @@ impl Exporter {
         if incoming.is_empty() {
             return;
         }
-        // Held for as long as the collector is away: no spare capacity (a vector grown by
-        // pushes has up to twice what it holds).
+        // Held for as long as the collector is away: no spare capacity (shrinking in place
+        // copies nothing).
         incoming.shrink_to_fit();
         let incoming = Pending::new(0, incoming, Vec::new());
         self.pending_spans += incoming.spans.len();
@@ -612,15 +734,22 @@ impl Exporter {
     /// Cuts the not-yet-sent pending spans (batch id 0) and the RED so far into batches of at
     /// most [`MAX_BATCH_SPANS`] spans (well under the collector's message limit).
     fn cut_batches(&mut self) -> Vec<Pending> {
-        let mut spans = Vec::new();
+        let mut unsent = Vec::new();
         while self.pending.back().is_some_and(|p| p.batch_id == 0) {
-            let mut unsent = self.pending.pop_back().expect("checked");
-            unsent.spans.append(&mut spans);
-            spans = unsent.spans;
+            unsent.push(self.pending.pop_back().expect("checked"));
         }
         let mut histograms = self.red.drain();
+        // The usual case, one drain's spans since the last flush: they are the batch, unmoved.
+        if unsent.len() == 1 && unsent[0].spans.len() <= MAX_BATCH_SPANS {
+            let mut batch = unsent.pop().expect("one");
+            self.next_batch_id += 1;
+            self.sent_spans += batch.spans.len() as u64;
+            batch.batch_id = self.next_batch_id;
+            batch.histograms = histograms;
+            return vec![batch];
+        }
         let mut batches = Vec::new();
-        let mut spans = spans.into_iter();
+        let mut spans = unsent.into_iter().rev().flat_map(|p| p.spans);
         loop {
             // Each batch sized to what it holds (`split_off` would leave the first batch with
             // the capacity of all of them until it is acknowledged).
@@ -651,14 +780,13 @@ impl Exporter {
         }
     }
 
-    fn encode(&self, batch: &Pending, dictionary: &mut Dictionary) -> AgentMessage {
+    fn encode(&self, batch: &Pending, dictionary: &mut Dictionary) -> Encoded {
         dictionary.added.clear();
         let resource = self.resource(dictionary);
-        let spans = batch
-            .spans
-            .iter()
-            .map(|s| WireSpan {
-                trace_id: s.trace_id.to_be_bytes().to_vec(),
+        let mut writer = BatchWriter::new(batch.spans.len());
+        for s in &batch.spans {
+            let fields = SpanFields {
+                trace_id: s.trace_id,
                 span_id: s.span_id,
                 parent_span_id: s.parent_span_id,
                 operation: dictionary.id_name(&s.operation),
@@ -673,20 +801,26 @@ impl Exporter {
                 } else {
                     WireStatus::Unset
                 } as i32,
-                error_type: s.error().map_or(0, |e| dictionary.id(&e.0)),
-                error_message: s.error().map(|e| e.1.clone()).unwrap_or_default(),
-                attributes: s
-                    .attributes()
-                    .map(|(k, v)| Attribute {
-                        key: dictionary.id(k),
-                        value: v.into_owned(),
-                    })
-                    .collect(),
+                error_type: s.error().map_or(0, |e| dictionary.id_name(&e.0)),
+                error_message: s.error().map_or("", |e| e.1.as_str()),
                 caller_service: s.caller().map_or(0, |c| dictionary.id(&c.0)),
                 caller_operation: s.caller().map_or(0, |c| dictionary.id(&c.1)),
-            })
-            .collect();
-        let histograms = batch
+                http_status: s.http_status,
+                http_status_key: if s.http_status == 0 {
+                    0
+                } else {
+                    dictionary.id_static(HTTP_STATUS_KEY)
+                },
+            };
+            // Keys get their ids first: the writer goes over the attributes twice.
+            let given = s.detail.iter().flat_map(|d| d.attributes.iter());
+            for (key, _) in given.clone() {
+                dictionary.id_name(key);
+            }
+            let known: &Dictionary = dictionary;
+            writer.span(&fields, given.map(|(key, value)| (known.known(key), value.as_str())));
+        }
+        let histograms: Vec<LatencyHistogram> = batch
             .histograms
             .iter()
             .map(|(k, v)| LatencyHistogram {
@@ -703,21 +837,13 @@ impl Exporter {
                 sum_micros: v.sum_micros,
             })
             .collect();
-        AgentMessage {
-            body: Some(agent_message::Body::Batch(Batch {
-                batch_id: batch.batch_id,
-                new_strings: std::mem::take(&mut dictionary.added),
-                resource: Some(resource),
-                spans,
-                histograms,
-                inflight: vec![],
-            })),
-        }
+        let added = std::mem::take(&mut dictionary.added);
+        writer.finish(batch.batch_id, &added, &resource, &histograms)
     }
 
     /// Transactions open longer than the threshold, with the call each is inside. Sent once and
     /// not kept: a snapshot is about now, and an old one must not be resent after a reconnect.
-    fn inflight_snapshot(&mut self, dictionary: &mut Dictionary) -> Option<AgentMessage> {
+    fn inflight_snapshot(&mut self, dictionary: &mut Dictionary) -> Option<Encoded> {
         let now = crate::clock::unix_ns(crate::clock::now_raw());
         let threshold = self.config.inflight_threshold.as_nanos() as u64;
         let stuck = inflight::older_than(now.saturating_sub(threshold));
@@ -740,7 +866,7 @@ impl Exporter {
             .collect();
         // An id of its own, never pending: its acknowledgement matches nothing.
         self.next_batch_id += 1;
-        Some(AgentMessage {
+        Some(Encoded::of(&AgentMessage {
             body: Some(agent_message::Body::Batch(Batch {
                 batch_id: self.next_batch_id,
                 new_strings: std::mem::take(&mut dictionary.added),
@@ -749,18 +875,17 @@ impl Exporter {
                 histograms: vec![],
                 inflight,
             })),
-        })
+        }))
     }
 
-    fn heartbeat(&self, dictionary: &mut Dictionary) -> AgentMessage {
+    fn heartbeat(&self, dictionary: &mut Dictionary) -> Encoded {
         // Heartbeats add no strings: the resource's strings are sent in a batch first.
         let mut probe = Dictionary {
             index: dictionary.index.clone(),
-            statics: FxHashMap::default(),
-            added: vec![],
+            ..Dictionary::default()
         };
         let resource = self.resource(&mut probe);
-        AgentMessage {
+        Encoded::of(&AgentMessage {
             body: Some(agent_message::Body::Heartbeat(Heartbeat {
                 resource: probe.added.is_empty().then_some(resource),
                 unix_millis: crate::clock::unix_ns(crate::clock::now_raw()) / 1_000_000,
@@ -768,7 +893,7 @@ impl Exporter {
                 dropped_spans: self.agent.dropped_spans.load(Ordering::Relaxed),
                 sent_spans: self.sent_spans,
             })),
-        }
+        })
     }
 }
 
@@ -788,6 +913,48 @@ mod tests {
 
     use super::*;
     use crate::span::{Batch, Record, TraceCtx};
+
+    #[test]
+    fn red_counts_every_span_under_its_own_key_static_names_or_not() {
+        let mut red = RedTable::default();
+        let operations: Vec<Name> = (0..200)
+            .map(|i| {
+                if i % 2 == 0 {
+                    Name::Borrowed(Box::leak(format!("GET /red/{i}").into_boxed_str()))
+                } else {
+                    Name::Owned(format!("GET /red/{i}"))
+                }
+            })
+            .collect();
+        let bt = SharedName::Static("Login");
+        // Keys by the hundred (more than the cache's slots), each recorded window by window.
+        for round in 0..3u64 {
+            for window in [10, 20] {
+                for (i, operation) in operations.iter().enumerate() {
+                    let error = i % 3 == 0;
+                    red.record(window, &bt, operation, Kind::Server, "own", error, 100 + round);
+                }
+            }
+        }
+        // The same text as an owned and as a static name is one key.
+        red.record(
+            10,
+            &SharedName::Shared("Login".into()),
+            &operations[0],
+            Kind::Server,
+            "own",
+            true,
+            1,
+        );
+        let drained = red.drain();
+        assert_eq!(drained.len(), 400, "one key per window and operation");
+        for (key, value) in &drained {
+            let first = key.window == 10 && key.operation == operations[0];
+            assert_eq!(value.calls, if first { 4 } else { 3 }, "{key:?}");
+            assert_eq!(value.errors, if key.error { value.calls } else { 0 });
+        }
+        assert!(red.drain().is_empty(), "drained once");
+    }
 
     /// An agent of its own (not the process's), and `spans` sampled spans of `attribute_bytes`
     /// each handed to it from one thread.

@@ -59,6 +59,7 @@ mod span;
 pub mod tower;
 #[cfg(feature = "tracing-layer")]
 pub mod tracing_layer;
+mod wire;
 
 use std::{sync::atomic::Ordering, thread::JoinHandle};
 
