@@ -1,0 +1,41 @@
+//! `span-loop`: traces of `--spans` spans (a root and its children, entered and exited on one
+//! thread, as `benches/benches/span_overhead.rs` makes them), `--traces` times, with the agent
+//! running and nothing listening: a fixed workload for instruction counts of the span path
+//! (`valgrind --tool=callgrind target/release/span-loop`) and for `perf`, where criterion's
+//! timing loop would get in the way.
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "A fixed number of traces through the agent, for profilers")]
+struct Args {
+    /// Traces made.
+    #[arg(long, default_value_t = 2000)]
+    traces: u64,
+    /// Spans per trace, the root included.
+    #[arg(long, default_value_t = 100)]
+    spans: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _agent = sightline::init(sightline::Config {
+        service: "span-loop".into(),
+        collector: "http://127.0.0.1:9".into(),
+        max_pending_spans: 0,
+        ..Default::default()
+    })?;
+    for _ in 0..args.traces {
+        let _root = sightline::transaction("Login").entered();
+        for _ in 1..args.spans {
+            let _child = sightline::span("child").entered();
+        }
+    }
+    println!(
+        "{} traces of {} spans; dropped by the capped exporter: {}",
+        args.traces,
+        args.spans,
+        sightline::dropped_spans()
+    );
+    Ok(())
+}
