@@ -158,7 +158,11 @@ impl Agent {
                     .fetch_add(batch.records.len() as u64, Ordering::Release);
                 consume(&mut batch);
                 batch.records.clear();
-                batch.traces.clear();
+                // Contexts held by nothing else go back with the buffer, to be reused by the
+                // thread (span.rs); no one can take another reference to them meanwhile.
+                batch
+                    .traces
+                    .retain(|trace| Arc::strong_count(trace) == 1 && Arc::weak_count(trace) == 0);
                 let _ = ring.spare.push(batch);
             }
         }

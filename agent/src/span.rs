@@ -240,6 +240,10 @@ struct Local {
     /// Span ids for children entered here (xorshift64*; 0 until seeded): the hot path reads
     /// one thread-local, not two.
     id_state: u64,
+    /// Trace contexts no one else holds, back from the exporter with emptied buffers: a
+    /// transaction reuses one instead of allocating what the exporter would free (a free from
+    /// another thread takes glibc's slow path on both sides).
+    recycled: Vec<Arc<TraceCtx>>,
     /// Bumped at every hand-off: a [`TraceEntry`]'s slot is valid while it matches.
     generation: u32,
     ring: Option<ThreadRing>,
@@ -257,6 +261,7 @@ impl Local {
                 records: Vec::new(),
             },
             id_state: 0,
+            recycled: Vec::new(),
             generation: 0,
             ring: None,
             last_scoped: None,
@@ -375,10 +380,19 @@ impl Local {
         // A buffer the exporter emptied: growing a fresh one per hand-off cost more than the
         // spans (benches/README.md).
         // Fresh ones start small: most hand-offs are one request's few spans.
-        let fresh = ring.spare().unwrap_or_else(|| Batch {
-            traces: Vec::with_capacity(2),
-            records: Vec::with_capacity(8),
-        });
+        let fresh = match ring.spare() {
+            Some(mut spare) => {
+                // Contexts the exporter held last: this thread's next transactions reuse them.
+                let room = RECYCLED_TRACES.saturating_sub(self.recycled.len());
+                self.recycled.extend(spare.traces.drain(..).take(room));
+                spare.traces.clear();
+                spare
+            }
+            None => Batch {
+                traces: Vec::with_capacity(2),
+                records: Vec::with_capacity(8),
+            },
+        };
         let mut full = std::mem::replace(&mut self.batch, fresh);
         self.generation = self.generation.wrapping_add(1);
         // Spans still open move on: a buffer handed off holds finished spans only.
@@ -476,6 +490,24 @@ thread_local! {
     /// What the top of this thread's stack is, readable without touching [`LOCAL`]: a plain
     /// thread-local byte makes the unsampled path a single load.
     static TOP: Cell<Top> = const { Cell::new(Top::None) };
+}
+
+/// Trace contexts a thread keeps for reuse.
+const RECYCLED_TRACES: usize = 64;
+
+/// `fields` in a context of this thread's recycled ones when one is there, else a new one.
+fn new_trace_ctx(fields: TraceCtx) -> Arc<TraceCtx> {
+    let recycled = with_local(|l| l.try_borrow_mut().ok()?.recycled.pop()).flatten();
+    match recycled {
+        Some(mut ctx) => match Arc::get_mut(&mut ctx) {
+            Some(slot) => {
+                *slot = fields;
+                ctx
+            }
+            None => Arc::new(fields),
+        },
+        None => Arc::new(fields),
+    }
 }
 
 /// Runs `f` on this thread's [`LOCAL`], `None` once it is gone (the thread is ending).
@@ -655,7 +687,7 @@ impl SpanBuilder {
         };
         let span_id = ids::next_u64();
         let start_raw = clock::now_raw();
-        let trace = Arc::new(TraceCtx {
+        let trace = new_trace_ctx(TraceCtx {
             trace_id,
             sampled,
             bt,
