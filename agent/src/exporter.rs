@@ -190,6 +190,66 @@ struct RedTable {
 
 const RECENT_RED_SLOTS: usize = 64;
 
+/// A RED key's parts as a span gives them, borrowed.
+#[derive(Clone, Copy)]
+struct KeyParts<'a> {
+    window: u64,
+    bt: &'a SharedName,
+    operation: &'a Name,
+    kind: Kind,
+    stage: &'static str,
+    error: bool,
+}
+
+impl KeyParts<'_> {
+    fn fingerprint(&self) -> u64 {
+        let mut hasher = rustc_hash::FxHasher::default();
+        (
+            self.window,
+            &**self.bt,
+            self.operation.as_ref(),
+            self.kind,
+            self.stage,
+            self.error,
+        )
+            .hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn matches(&self, key: &RedKey) -> bool {
+        key.window == self.window
+            && key.kind == self.kind
+            && key.stage == self.stage
+            && key.error == self.error
+            && *key.bt == **self.bt
+            && key.operation == *self.operation
+    }
+
+    fn to_key(self) -> RedKey {
+        RedKey {
+            window: self.window,
+            bt: self.bt.clone(),
+            operation: self.operation.clone(),
+            kind: self.kind,
+            stage: self.stage,
+            error: self.error,
+        }
+    }
+}
+
+impl RedKey {
+    fn parts(&self) -> KeyParts<'_> {
+        KeyParts {
+            window: self.window,
+            bt: &self.bt,
+            operation: &self.operation,
+            kind: self.kind,
+            stage: self.stage,
+            error: self.error,
+        }
+    }
+}
+
 /// A key whose names are all static, by the names' addresses.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct StaticIdentity {
@@ -202,116 +262,68 @@ struct StaticIdentity {
 }
 
 impl StaticIdentity {
-    fn of(
-        window: u64,
-        bt: &SharedName,
-        operation: &Name,
-        kind: Kind,
-        stage: &'static str,
-        error: bool,
-    ) -> Option<Self> {
-        let (SharedName::Static(bt), Name::Borrowed(operation)) = (bt, operation) else {
+    fn of(key: KeyParts<'_>) -> Option<Self> {
+        let (SharedName::Static(bt), Name::Borrowed(operation)) = (key.bt, key.operation) else {
             return None;
         };
         Some(Self {
-            window,
+            window: key.window,
             bt: (bt.as_ptr() as usize, bt.len()),
             operation: (operation.as_ptr() as usize, operation.len()),
-            stage: stage.as_ptr() as usize,
-            kind,
-            error,
+            stage: key.stage.as_ptr() as usize,
+            kind: key.kind,
+            error: key.error,
         })
     }
 
     /// Which of [`RECENT_RED_SLOTS`] slots it takes.
-    fn slot(&self) -> u64 {
+    fn slot(&self) -> usize {
         let mixed = (self.bt.0 ^ self.operation.0.rotate_left(17) ^ self.stage.rotate_left(31)) as u64
             ^ self.window
             ^ ((self.kind as u64) << 1)
             ^ u64::from(self.error);
         // The top 6 bits: 0..RECENT_RED_SLOTS.
-        mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58
+        (mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize
     }
 }
 
 impl RedTable {
-    #[allow(clippy::too_many_arguments)]
-    fn record(
-        &mut self,
-        window: u64,
-        bt: &SharedName,
-        operation: &Name,
-        kind: Kind,
-        stage: &'static str,
-        error: bool,
-        micros: u64,
-    ) {
-        let identity = StaticIdentity::of(window, bt, operation, kind, stage, error);
+    fn record(&mut self, key: KeyParts<'_>, micros: u64) {
+        let identity = StaticIdentity::of(key);
         if let Some(identity) = identity {
-            if let Some(Some((seen, index))) = self.recent.get(identity.slot() as usize) {
+            if let Some(Some((seen, index))) = self.recent.get(identity.slot()) {
                 if *seen == identity {
-                    self.entries[*index as usize].1.record(micros, error);
+                    self.entries[*index as usize].1.record(micros, key.error);
                     return;
                 }
             }
         }
-        let mut hasher = rustc_hash::FxHasher::default();
-        (window, &**bt, operation.as_ref(), kind, stage, error).hash(&mut hasher);
-        let same = |k: &RedKey| {
-            k.window == window
-                && k.kind == kind
-                && k.stage == stage
-                && k.error == error
-                && *k.bt == **bt
-                && k.operation == *operation
-        };
-        let slot = self.by_fingerprint.entry(hasher.finish()).or_default();
-        let index = match slot.iter().find(|&&i| same(&self.entries[i as usize].0)) {
-            Some(&i) => i,
-            None => {
-                let key = RedKey {
-                    window,
-                    bt: bt.clone(),
-                    operation: operation.clone(),
-                    kind,
-                    stage,
-                    error,
-                };
-                self.entries.push((key, RedValue::default()));
-                let i = (self.entries.len() - 1) as u32;
-                slot.push(i);
-                i
-            }
-        };
-        self.entries[index as usize].1.record(micros, error);
+        let index = self.index_of(key);
+        self.entries[index as usize].1.record(micros, key.error);
         if let Some(identity) = identity {
             if self.recent.is_empty() {
                 self.recent.resize(RECENT_RED_SLOTS, None);
             }
-            self.recent[identity.slot() as usize] = Some((identity, index));
+            self.recent[identity.slot()] = Some((identity, index));
         }
     }
 
     /// Adds RED taken out earlier (a dropped batch's) back in.
     fn add(&mut self, key: RedKey, value: RedValue) {
-        let mut hasher = rustc_hash::FxHasher::default();
-        (
-            key.window,
-            &*key.bt,
-            key.operation.as_ref(),
-            key.kind,
-            key.stage,
-            key.error,
-        )
-            .hash(&mut hasher);
-        let slot = self.by_fingerprint.entry(hasher.finish()).or_default();
-        match slot.iter().find(|&&i| self.entries[i as usize].0 == key) {
-            Some(&i) => self.entries[i as usize].1.add(value),
-            None => {
-                self.entries.push((key, value));
-                slot.push((self.entries.len() - 1) as u32);
-            }
+        let index = self.index_of(key.parts());
+        self.entries[index as usize].1.add(value);
+    }
+
+    /// The entry of `key`, made empty if it is new.
+    fn index_of(&mut self, key: KeyParts<'_>) -> u32 {
+        let slot = self.by_fingerprint.entry(key.fingerprint()).or_default();
+        if let Some(&i) = slot.iter().find(|&&i| key.matches(&self.entries[i as usize].0)) {
+            return i;
         }
+        self.entries.push((key.to_key(), RedValue::default()));
+        let i = (self.entries.len() - 1) as u32;
+        slot.push(i);
+        i
     }
 
     fn drain(&mut self) -> Vec<(RedKey, RedValue)> {
@@ -663,15 +675,15 @@ impl Exporter {
                 let start_unix_ns = clock::unix_ns(span.start_raw);
                 let duration_ns = clock::delta_ns(span.start_raw, span.end_raw);
                 let error = span.detail.as_ref().is_some_and(|d| d.error.is_some());
-                red.record(
-                    start_unix_ns / 1_000_000_000 / RED_WINDOW_SECS * RED_WINDOW_SECS,
-                    &trace.bt,
-                    &span.operation,
-                    span.kind,
-                    stage(&span),
+                let key = KeyParts {
+                    window: start_unix_ns / 1_000_000_000 / RED_WINDOW_SECS * RED_WINDOW_SECS,
+                    bt: &trace.bt,
+                    operation: &span.operation,
+                    kind: span.kind,
+                    stage: stage(&span),
                     error,
-                    duration_ns.div_ceil(1000),
-                );
+                };
+                red.record(key, duration_ns.div_ceil(1000));
                 if trace.sampled {
                     incoming.push(Finished {
                         trace_id: trace.trace_id,
@@ -932,20 +944,29 @@ mod tests {
             for window in [10, 20] {
                 for (i, operation) in operations.iter().enumerate() {
                     let error = i % 3 == 0;
-                    red.record(window, &bt, operation, Kind::Server, "own", error, 100 + round);
+                    let key = KeyParts {
+                        window,
+                        bt: &bt,
+                        operation,
+                        kind: Kind::Server,
+                        stage: "own",
+                        error,
+                    };
+                    red.record(key, 100 + round);
                 }
             }
         }
         // The same text as an owned and as a static name is one key.
-        red.record(
-            10,
-            &SharedName::Shared("Login".into()),
-            &operations[0],
-            Kind::Server,
-            "own",
-            true,
-            1,
-        );
+        let shared = SharedName::Shared("Login".into());
+        let key = KeyParts {
+            window: 10,
+            bt: &shared,
+            operation: &operations[0],
+            kind: Kind::Server,
+            stage: "own",
+            error: true,
+        };
+        red.record(key, 1);
         let drained = red.drain();
         assert_eq!(drained.len(), 400, "one key per window and operation");
         for (key, value) in &drained {
