@@ -63,14 +63,23 @@ pub(crate) mod ids {
     #[inline]
     pub(crate) fn next_u64() -> u64 {
         STATE.with(|s| {
-            // xorshift64*: fast, good enough for ids and sampling decisions.
-            let mut x = s.get();
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            s.set(x);
-            x.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1
+            let mut state = s.get();
+            let id = step(&mut state);
+            s.set(state);
+            id
         })
+    }
+
+    /// The next id from `state` (non-zero), advancing it: xorshift64*, fast and good enough for
+    /// ids and sampling decisions.
+    #[inline]
+    pub(crate) fn step(state: &mut u64) -> u64 {
+        let mut x = *state;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        *state = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1
     }
 
     pub(crate) fn trace_id() -> u128 {

@@ -274,12 +274,7 @@ impl Local {
         if self.id_state == 0 {
             self.id_state = ids::next_u64();
         }
-        let mut x = self.id_state;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.id_state = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1
+        ids::step(&mut self.id_state)
     }
 
     /// Keeps [`TOP`] in step with the stack; called after every change to it.
@@ -384,8 +379,8 @@ impl Local {
             Some(mut spare) => {
                 // Contexts the exporter held last: this thread's next transactions reuse them.
                 let room = RECYCLED_TRACES.saturating_sub(self.recycled.len());
+                // (What does not fit is dropped with the drain.)
                 self.recycled.extend(spare.traces.drain(..).take(room));
-                spare.traces.clear();
                 spare
             }
             None => Batch {
