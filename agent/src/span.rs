@@ -177,10 +177,38 @@ impl Record {
     #[inline]
     fn end(&mut self, trace: &TraceCtx, end_raw: u64) {
         self.end_raw = end_raw;
-        if self.entry {
-            inflight::unregister(self.span_id);
-        } else if self.kind == Kind::Client {
-            trace.note_call(None);
+        AtEnd::of(self.kind, self.entry).run(self.span_id, trace);
+    }
+}
+
+/// What the end of a span does besides taking the time.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AtEnd {
+    Nothing,
+    /// An entry span: its transaction is no longer open.
+    Unregister,
+    /// A call out: the transaction is no longer inside it.
+    ClearCall,
+}
+
+impl AtEnd {
+    #[inline(always)]
+    fn of(kind: Kind, entry: bool) -> Self {
+        if entry {
+            AtEnd::Unregister
+        } else if kind == Kind::Client {
+            AtEnd::ClearCall
+        } else {
+            AtEnd::Nothing
+        }
+    }
+
+    #[inline(always)]
+    fn run(self, span_id: u64, trace: &TraceCtx) {
+        match self {
+            AtEnd::Nothing => {}
+            AtEnd::Unregister => inflight::unregister(span_id),
+            AtEnd::ClearCall => trace.note_call(None),
         }
     }
 }
@@ -225,6 +253,9 @@ struct Frame {
     span_id: u64,
     /// Copied from the trace: the unsampled path reads nothing else.
     sampled: bool,
+    /// Copied from the record, so that ending the span only writes to it (reading the record
+    /// right after writing it showed as a stall in `perf annotate`).
+    at_end: AtEnd,
     /// Its record's index in the current buffer; [`NO_RECORD`] when the span's data lives
     /// elsewhere (a [`Span`] made current for a while).
     record: u32,
@@ -278,6 +309,7 @@ impl Local {
     }
 
     /// Keeps [`TOP`] in step with the stack; called after every change to it.
+    #[inline]
     fn sync_top(&self) {
         TOP.set(match self.stack.last() {
             None => Top::None,
@@ -287,6 +319,7 @@ impl Local {
     }
 
     /// The index of `trace` in the current batch, adding it on first use.
+    #[inline]
     fn slot_of_entry(&mut self, trace: &TraceEntry) -> u32 {
         if trace.generation.get() != self.generation {
             trace.generation.set(self.generation);
@@ -316,10 +349,12 @@ impl Local {
     fn open(&mut self, span_id: u64, trace: Rc<TraceEntry>, record: Record) {
         let slot = self.slot_of_entry(&trace);
         let index = self.batch.records.len() as u32;
+        let at_end = AtEnd::of(record.kind, record.entry);
         self.batch.records.push(Record { trace: slot, ..record });
         self.stack.push(Frame {
             span_id,
             sampled: trace.ctx.sampled,
+            at_end,
             record: index,
             trace,
         });
@@ -337,10 +372,13 @@ impl Local {
         if let Some(i) = found {
             let frame = &self.stack[i];
             if let Some(record) = self.batch.records.get_mut(frame.record as usize) {
-                record.end(&frame.trace.ctx, end_raw);
+                record.end_raw = end_raw;
             }
+            frame.at_end.run(span_id, &frame.trace.ctx);
             if i == top {
-                self.stack.pop();
+                // Dropped in place: `pop` reads the whole frame out, and its 8-byte load over
+                // the narrower stores of a span entered just now stalls.
+                self.stack.truncate(top);
             } else {
                 self.stack.remove(i);
             }
@@ -505,6 +543,36 @@ fn new_trace_ctx(fields: TraceCtx) -> Arc<TraceCtx> {
     }
 }
 
+/// `name`, moved as its parts: a static name is rebuilt from its pointer and length, where a
+/// move of the whole `Cow` copies it with a 16-byte load over the 8-byte stores that made it
+/// (a store-forwarding stall).
+#[inline(always)]
+#[allow(clippy::needless_match)] // the match is the point: see above
+fn by_parts(name: Name) -> Name {
+    match name {
+        Cow::Borrowed(s) => Cow::Borrowed(s),
+        owned => owned,
+    }
+}
+
+/// Appends the value `make` returns, made after any growth of `vec`: `Vec::push` takes a value
+/// made before its growth check (a call), so the value was built on the stack and copied in
+/// wide moves that waited on its narrow stores; made here, it is written straight into place.
+#[inline(always)]
+fn push_in_place<T>(vec: &mut Vec<T>, make: impl FnOnce() -> T) {
+    if vec.len() == vec.capacity() {
+        vec.reserve(1);
+    }
+    let len = vec.len();
+    let value = make();
+    // SAFETY: `len < capacity` (reserved above), so the slot is allocated and unused; the
+    // length covers it only once it is written.
+    unsafe {
+        vec.as_mut_ptr().add(len).write(value);
+        vec.set_len(len + 1);
+    }
+}
+
 /// Runs `f` on this thread's [`LOCAL`], `None` once it is gone (the thread is ending).
 ///
 /// The closure given to `LocalKey::try_with` only takes the address: with the span's work inside
@@ -512,11 +580,22 @@ fn new_trace_ctx(fields: TraceCtx) -> Arc<TraceCtx> {
 /// pointer, about a tenth of a span's instructions (callgrind, `span-loop`).
 #[inline(always)]
 fn with_local<R>(f: impl FnOnce(&RefCell<Local>) -> R) -> Option<R> {
+    // SAFETY: the reference lives only within this call.
+    unsafe { local() }.map(f)
+}
+
+/// This thread's [`LOCAL`], `None` once it is gone. The closure given to `LocalKey::try_with`
+/// only takes the address, for the reason [`with_local`] gives.
+///
+/// # Safety
+/// The reference must not outlive the caller's call: the thread's end destroys `LOCAL`.
+#[inline(always)]
+unsafe fn local<'a>() -> Option<&'a RefCell<Local>> {
     let local = LOCAL.try_with(|l| l as *const RefCell<Local>).ok()?;
-    // SAFETY: the address is this thread's live `LOCAL` (`try_with` succeeded), used on this
-    // thread only (`&RefCell` is not `Send`) and only within this call, before the thread can
-    // end and destroy it.
-    Some(f(unsafe { &*local }))
+    // SAFETY: the address is this thread's live `LOCAL` (`try_with` succeeded); the reference
+    // is not `Send` (`RefCell` is not `Sync`), so it stays on this thread, and the caller keeps
+    // it no longer than its own call.
+    Some(unsafe { &*local })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -716,17 +795,21 @@ impl SpanBuilder {
 
     /// Starts the span and makes it the current one on this thread until the guard drops: for
     /// synchronous code.
-    #[inline]
+    #[inline(always)]
     pub fn entered(self) -> EnteredSpan {
         if self.parent.is_none() && self.remote.is_none() {
             // The common case, a child of this thread's current span: one look at the stack.
             // A frame there means the agent runs.
-            if TOP.get() == Top::Unsampled && self.kind != Kind::Client {
-                self.discard();
-                return EnteredSpan { data: None };
+            match TOP.get() {
+                Top::Unsampled if self.kind != Kind::Client => {
+                    self.discard();
+                    return EnteredSpan { data: None };
+                }
+                Top::None => {}
+                _ => return self.enter_child(),
             }
         }
-        self.entered_recorded()
+        self.entered_other()
     }
 
     /// Drops a builder not used, inline: when it holds nothing owned (static names, the
@@ -747,59 +830,70 @@ impl SpanBuilder {
         }
     }
 
-    #[inline(never)]
-    fn entered_recorded(self) -> EnteredSpan {
-        if self.parent.is_none() && self.remote.is_none() && TOP.get() != Top::None {
-            return self.entered_child();
-        }
-        self.entered_other()
-    }
-
+    /// Enters a child of this thread's current span: inline into the caller, so that the
+    /// builder's fields stay in registers. Built in memory and read back by a function of its
+    /// own, the builder (then the record and the frame, made on the stack and copied) was read
+    /// with wider loads than its stores, and each such load waited for those stores to retire
+    /// (a store-forwarding stall; four of them were most of a span in `perf annotate`).
     #[inline(always)]
-    fn entered_child(self) -> EnteredSpan {
-        with_local(|l| {
-            let mut local = l.borrow_mut();
-            let Some(top) = local.stack.last() else {
-                return EnteredSpan { data: None };
-            };
-            let (parent_span_id, trace) = (top.span_id, top.trace.clone());
-            if !trace.ctx.sampled && self.kind != Kind::Client {
-                return EnteredSpan { data: None };
-            }
-            if self.kind == Kind::Client {
-                trace.ctx.note_call(Some((self.operation.clone(), self.peer.clone())));
-            }
-            let span_id = local.next_id();
-            let slot = local.slot_of_entry(&trace);
-            let index = local.batch.records.len() as u32;
-            // Written once, in place: moving records through temporaries cost more than the
-            // rest of the span (benches/README.md).
-            local.batch.records.push(Record {
-                trace: slot,
-                kind: self.kind,
-                entry: false,
-                http_status: 0,
-                span_id,
-                parent_span_id,
-                start_raw: clock::now_raw(),
-                end_raw: 0,
-                operation: self.operation,
-                component: self.component,
-                peer: self.peer,
-                detail: None,
-            });
-            local.stack.push(Frame {
-                span_id,
-                sampled: trace.ctx.sampled,
-                record: index,
-                trace: trace.clone(),
-            });
-            local.sync_top();
-            EnteredSpan {
-                data: Some(Entered { span_id, trace }),
-            }
-        })
-        .unwrap_or(EnteredSpan { data: None })
+    fn enter_child(self) -> EnteredSpan {
+        let SpanBuilder {
+            operation,
+            kind,
+            component,
+            peer,
+            bt,
+            remote: _,
+            parent: _,
+        } = self;
+        // A child's BT is its trace's: a name given here is dropped unused.
+        drop(bt);
+        // SAFETY: used within this call only.
+        let Some(l) = (unsafe { local() }) else {
+            return EnteredSpan { data: None };
+        };
+        let mut local = l.borrow_mut();
+        let Some(top) = local.stack.last() else {
+            return EnteredSpan { data: None };
+        };
+        let (parent_span_id, trace) = (top.span_id, top.trace.clone());
+        let sampled = trace.ctx.sampled;
+        if !sampled && kind != Kind::Client {
+            return EnteredSpan { data: None };
+        }
+        if kind == Kind::Client {
+            trace.ctx.note_call(Some((operation.clone(), peer.clone())));
+        }
+        let span_id = local.next_id();
+        let slot = local.slot_of_entry(&trace);
+        let start_raw = clock::now_raw();
+        let index = local.batch.records.len() as u32;
+        push_in_place(&mut local.batch.records, || Record {
+            trace: slot,
+            kind,
+            entry: false,
+            http_status: 0,
+            span_id,
+            parent_span_id,
+            start_raw,
+            end_raw: 0,
+            operation: by_parts(operation),
+            component: by_parts(component),
+            peer: by_parts(peer),
+            detail: None,
+        });
+        let frame_trace = trace.clone();
+        push_in_place(&mut local.stack, || Frame {
+            span_id,
+            sampled,
+            at_end: AtEnd::of(kind, false),
+            record: index,
+            trace: frame_trace,
+        });
+        local.sync_top();
+        EnteredSpan {
+            data: Some(Entered { span_id, trace }),
+        }
     }
 
     fn entered_other(self) -> EnteredSpan {
@@ -986,6 +1080,8 @@ pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
         local.stack.push(Frame {
             span_id,
             sampled,
+            // The span's own guard does its end.
+            at_end: AtEnd::Nothing,
             record: NO_RECORD,
             trace,
         });
