@@ -14,6 +14,7 @@
 use std::{
     borrow::Cow,
     cell::{Cell, RefCell},
+    marker::PhantomData,
     rc::Rc,
     sync::{Arc, Mutex},
 };
@@ -486,14 +487,22 @@ impl Local {
     }
 
     fn scoped_entry(&mut self, trace: &Arc<TraceCtx>) -> Rc<TraceEntry> {
-        match &self.last_scoped {
-            Some(entry) if Arc::ptr_eq(&entry.ctx, trace) => entry.clone(),
-            _ => {
-                let entry = TraceEntry::new(trace.clone());
-                self.last_scoped = Some(entry.clone());
-                entry
+        if let Some(entry) = &mut self.last_scoped {
+            if Arc::ptr_eq(&entry.ctx, trace) {
+                return entry.clone();
+            }
+            // No frame holds the last one (its request's poll is over): reused for this trace
+            // rather than freed and allocated again, once per request.
+            if let Some(reused) = Rc::get_mut(entry) {
+                reused.ctx = trace.clone();
+                reused.generation.set(u32::MAX);
+                reused.slot.set(0);
+                return entry.clone();
             }
         }
+        let entry = TraceEntry::new(trace.clone());
+        self.last_scoped = Some(entry.clone());
+        entry
     }
 
     fn remove_frame(&mut self, span_id: u64) -> Option<Frame> {
@@ -882,17 +891,16 @@ impl SpanBuilder {
             peer: by_parts(peer),
             detail: None,
         });
-        let frame_trace = trace.clone();
         push_in_place(&mut local.stack, || Frame {
             span_id,
             sampled,
             at_end: AtEnd::of(kind, false),
             record: index,
-            trace: frame_trace,
+            trace,
         });
         local.sync_top();
         EnteredSpan {
-            data: Some(Entered { span_id, trace }),
+            data: Some(Entered::new(span_id, sampled)),
         }
     }
 
@@ -900,11 +908,12 @@ impl SpanBuilder {
         let Some(SpanData { trace, record }) = self.start().data.take() else {
             return EnteredSpan { data: None };
         };
+        let sampled = trace.sampled;
         let trace = TraceEntry::new(trace);
         let span_id = record.span_id;
-        LOCAL.with(|l| l.borrow_mut().open(span_id, trace.clone(), record));
+        LOCAL.with(|l| l.borrow_mut().open(span_id, trace, record));
         EnteredSpan {
-            data: Some(Entered { span_id, trace }),
+            data: Some(Entered::new(span_id, sampled)),
         }
     }
 }
@@ -999,10 +1008,34 @@ impl Drop for Span {
     }
 }
 
-/// An entered span's guard: its data is in this thread's buffer.
+/// An entered span's guard: its data is in this thread's buffer and its trace in its frame.
+/// (A reference to the trace here too cost two more reference-count updates a span, each
+/// waiting on the last.)
 struct Entered {
     span_id: u64,
-    trace: Rc<TraceEntry>,
+    sampled: bool,
+    /// The frame it names is on this thread's stack.
+    _not_send: PhantomData<Rc<()>>,
+}
+
+impl Entered {
+    fn new(span_id: u64, sampled: bool) -> Self {
+        Self {
+            span_id,
+            sampled,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Its trace, from its frame.
+    fn trace(&self) -> Option<Arc<TraceCtx>> {
+        with_local(|l| {
+            let local = l.borrow();
+            let frame = local.stack.iter().rev().find(|f| f.span_id == self.span_id)?;
+            Some(frame.trace.ctx.clone())
+        })
+        .flatten()
+    }
 }
 
 /// A span that is current on this thread; ends (and stops being current) when dropped. It
@@ -1015,14 +1048,14 @@ pub struct EnteredSpan {
 impl EnteredSpan {
     /// Whether this span is recorded with its attributes.
     pub fn is_recording(&self) -> bool {
-        self.data.as_ref().is_some_and(|d| d.trace.ctx.sampled)
+        self.data.as_ref().is_some_and(|d| d.sampled)
     }
 
     fn with_record(&self, f: impl FnOnce(&mut Record, bool)) {
         if let Some(data) = &self.data {
             LOCAL.with(|l| {
                 if let Some(record) = l.borrow_mut().record_of(data.span_id) {
-                    f(record, data.trace.ctx.sampled);
+                    f(record, data.sampled);
                 }
             });
         }
@@ -1041,13 +1074,15 @@ impl EnteredSpan {
     }
 
     /// The business transaction this span serves, if it is running.
-    pub fn business_transaction(&self) -> Option<&str> {
-        self.data.as_ref().map(|d| &*d.trace.ctx.bt)
+    pub fn business_transaction(&self) -> Option<String> {
+        let trace = self.data.as_ref()?.trace()?;
+        Some(trace.bt.to_string())
     }
 
     /// The trace id, as 32 hex digits.
     pub fn trace_id(&self) -> Option<String> {
-        self.data.as_ref().map(|d| format!("{:032x}", d.trace.ctx.trace_id))
+        let trace = self.data.as_ref()?.trace()?;
+        Some(format!("{:032x}", trace.trace_id))
     }
 
     /// Ends the span now.
