@@ -31,14 +31,7 @@ impl<F: Future> Future for Instrumented<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let result = match this.span.as_ref() {
-            Some(span) => span.in_scope(|| this.future.poll(cx)),
-            None => this.future.poll(cx),
-        };
-        if result.is_ready() {
-            // End the span as soon as its work is done, not when the wrapper is dropped.
-            this.span.take();
-        }
-        result
+        // The span ends as soon as its work is done, not when the wrapper is dropped.
+        Span::poll_in_scope(this.span, || this.future.poll(cx), |_, _| {})
     }
 }

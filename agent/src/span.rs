@@ -984,6 +984,35 @@ impl Span {
         result
     }
 
+    /// Polls through `poll` with the span in `slot` current; when the poll is ready, `on_ready`
+    /// sees the span and the output, and the span ends, still current: its record joins the
+    /// buffer before the scope closes, so the thread hands off once for the whole poll (the
+    /// spans ended inside it and this one) rather than twice.
+    pub(crate) fn poll_in_scope<T>(
+        slot: &mut Option<Span>,
+        poll: impl FnOnce() -> std::task::Poll<T>,
+        on_ready: impl FnOnce(&mut Span, &T),
+    ) -> std::task::Poll<T> {
+        let Some(span) = slot.as_mut() else { return poll() };
+        let Some(span_id) = span.data.as_ref().map(|d| d.record.span_id) else {
+            let result = poll();
+            if let std::task::Poll::Ready(output) = &result {
+                on_ready(span, output);
+                slot.take();
+            }
+            return result;
+        };
+        push_frame(span_id, &span.data.as_ref().expect("checked").trace);
+        let result = poll();
+        if let std::task::Poll::Ready(output) = &result {
+            if let Some(mut span) = slot.take() {
+                on_ready(&mut span, output);
+            }
+        }
+        pop(span_id);
+        result
+    }
+
     /// Runs `future` with this span current on every poll, and ends the span when the future
     /// completes or is dropped.
     pub fn instrument<F: std::future::Future>(self, future: F) -> crate::future::Instrumented<F> {
@@ -1000,7 +1029,7 @@ impl Drop for Span {
             return;
         };
         record.end(&trace, clock::now_raw());
-        let _ = LOCAL.try_with(|l| {
+        with_local(|l| {
             let mut local = l.borrow_mut();
             let slot = local.slot_of(&trace);
             local.push_record(Record { trace: slot, ..record });
@@ -1108,7 +1137,7 @@ impl Entered {
 
 /// Makes a span of `trace` current on this thread (entering a [`Span`], a `tracing` span).
 pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
-    LOCAL.with(|l| {
+    with_local(|l| {
         let mut local = l.borrow_mut();
         let sampled = trace.sampled;
         let trace = local.scoped_entry(trace);
@@ -1127,7 +1156,7 @@ pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
 /// Removes `span_id` from this thread's stack (normally the top); hands the buffer off when
 /// the thread leaves instrumented code.
 pub(crate) fn pop(span_id: u64) {
-    LOCAL.with(|l| {
+    with_local(|l| {
         let mut local = l.borrow_mut();
         local.remove_frame(span_id);
         if local.stack.is_empty() {
@@ -1138,10 +1167,11 @@ pub(crate) fn pop(span_id: u64) {
 
 /// The context to propagate: the current span on this thread.
 pub(crate) fn current_context() -> Option<Current> {
-    LOCAL.with(|l| {
+    with_local(|l| {
         l.borrow().stack.last().map(|f| Current {
             span_id: f.span_id,
             trace: f.trace.ctx.clone(),
         })
     })
+    .flatten()
 }

@@ -254,16 +254,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let result = match this.span.as_ref() {
-            Some(span) => span.in_scope(|| this.future.poll(cx)),
-            None => this.future.poll(cx),
-        };
-        if let Poll::Ready(outcome) = &result {
-            if let Some(mut span) = this.span.take() {
-                record_outcome(&mut span, outcome);
-            }
-        }
-        result
+        Span::poll_in_scope(this.span, || this.future.poll(cx), record_outcome)
     }
 }
 

@@ -91,8 +91,10 @@ pub(crate) struct BatchWriter {
 }
 
 impl BatchWriter {
-    pub(crate) fn new(spans: usize) -> Self {
-        let mut bytes = Vec::with_capacity(HEADER_ROOM + spans * 96 + 256);
+    /// Room for `spans` spans and `buckets` histogram buckets in all: growing the buffer later
+    /// copies every span written so far.
+    pub(crate) fn new(spans: usize, buckets: usize) -> Self {
+        let mut bytes = Vec::with_capacity(HEADER_ROOM + spans * 96 + buckets * 8 + 1024);
         bytes.resize(HEADER_ROOM, 0);
         Self { bytes }
     }
@@ -125,11 +127,11 @@ impl BatchWriter {
             let mut digits = [0u8; 5];
             let status = decimal(span.http_status, &mut digits);
             scratch.key(14, WireType::LengthDelimited);
-            scratch.raw_varint(attribute_len(span.http_status_key, status) as u64);
+            scratch.raw_varint((varint_len(1, u64::from(span.http_status_key)) + 2 + status.len()) as u64);
             scratch.varint(1, u64::from(span.http_status_key));
             scratch.key(2, WireType::LengthDelimited);
             scratch.raw_varint(status.len() as u64);
-            scratch.buf[scratch.len..scratch.len + status.len()].copy_from_slice(status.as_bytes());
+            scratch.buf[scratch.len..scratch.len + status.len()].copy_from_slice(status);
             scratch.len += status.len();
         }
         let attributes_len: usize = attributes
@@ -197,8 +199,8 @@ impl BatchWriter {
     }
 }
 
-/// `value` in decimal, in `digits`.
-fn decimal(mut value: u16, digits: &mut [u8; 5]) -> &str {
+/// `value` in decimal ASCII digits, in `digits`.
+fn decimal(mut value: u16, digits: &mut [u8; 5]) -> &[u8] {
     let mut start = digits.len();
     loop {
         start -= 1;
@@ -208,7 +210,7 @@ fn decimal(mut value: u16, digits: &mut [u8; 5]) -> &str {
             break;
         }
     }
-    std::str::from_utf8(&digits[start..]).expect("ASCII digits")
+    &digits[start..]
 }
 
 /// A span's key and length (1 + at most 5 bytes) go just ahead of its fields in the scratch.
@@ -393,7 +395,7 @@ mod tests {
             },
         ];
         let attributes: [&[(u32, &str)]; 3] = [&[(13, "GET")], &[(11, ""), (12, "SELECT 1")], &[(u32::MAX, "x")]];
-        let mut writer = BatchWriter::new(spans.len());
+        let mut writer = BatchWriter::new(spans.len(), 2);
         for (span, attributes) in spans.iter().zip(attributes) {
             writer.span(span, attributes.iter().copied());
         }
