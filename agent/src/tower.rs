@@ -122,10 +122,11 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let remote = propagation::extract(|name| header(request.headers(), name));
-        let (operation, bt) = OPERATION.with_borrow_mut(|operation| {
+        let (operation, bt, grpc) = OPERATION.with_borrow_mut(|operation| {
             operation.clear();
-            server_operation(&request, operation);
-            self.names(operation)
+            let grpc = server_operation(&request, operation);
+            let (operation, bt) = self.names(operation);
+            (operation, bt, grpc)
         });
         let mut builder = SpanBuilder::new(operation, Kind::Server, None).child_of(remote);
         if let Some(bt) = bt {
@@ -137,6 +138,7 @@ where
         Traced {
             future,
             span: Some(span),
+            grpc,
         }
     }
 }
@@ -213,7 +215,8 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let operation = if is_grpc(&request) {
+        let grpc = is_grpc(&request);
+        let operation = if grpc {
             request.uri().path().to_string()
         } else {
             request.method().to_string()
@@ -232,6 +235,7 @@ where
         Traced {
             future: self.inner.call(request),
             span: Some(span),
+            grpc,
         }
     }
 }
@@ -242,6 +246,8 @@ pin_project_lite::pin_project! {
         #[pin]
         future: F,
         span: Option<Span>,
+        // A gRPC call: its status is read from the response too.
+        grpc: bool,
     }
 }
 
@@ -254,20 +260,32 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        Span::poll_in_scope(this.span, || this.future.poll(cx), record_outcome)
+        let grpc = *this.grpc;
+        Span::poll_in_scope(
+            this.span,
+            || this.future.poll(cx),
+            |span, outcome| record_outcome(span, outcome, grpc),
+        )
     }
 }
 
-fn record_outcome<B, E: std::fmt::Display>(span: &mut Span, outcome: &Result<Response<B>, E>) {
+/// The response's HTTP status, and a failure for a 5xx, a gRPC error status (looked up only for
+/// gRPC calls: a header lookup by a name not in HTTP's table hashes it, for every request) or a
+/// transport error.
+fn record_outcome<B, E: std::fmt::Display>(span: &mut Span, outcome: &Result<Response<B>, E>, grpc: bool) {
     match outcome {
         Ok(response) => {
             let status = response.status();
             span.set_http_status(status.as_u16());
-            let grpc_status = response
-                .headers()
-                .get(&GRPC_STATUS)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("0");
+            let grpc_status = if grpc {
+                response
+                    .headers()
+                    .get(&GRPC_STATUS)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+            } else {
+                "0"
+            };
             if status.is_server_error() {
                 span.set_error(
                     format!("HTTP {}", status.as_u16()),
@@ -316,19 +334,20 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// A bounded operation name, into `out`: the gRPC method, the route template, or the method
-/// alone.
-fn server_operation<B>(request: &Request<B>, out: &mut String) {
+/// alone. True for a gRPC call.
+fn server_operation<B>(request: &Request<B>, out: &mut String) -> bool {
     if is_grpc(request) {
         out.push_str(request.uri().path());
-        return;
+        return true;
     }
     #[cfg(feature = "axum")]
     if let Some(route) = request.extensions().get::<axum::extract::MatchedPath>() {
         out.push_str(request.method().as_str());
         out.push(' ');
         out.push_str(route.as_str());
-        return;
+        return false;
     }
     // Raw paths carry ids and would make names unbounded: without a template, the method only.
     out.push_str(request.method().as_str());
+    false
 }
