@@ -35,14 +35,26 @@ pub(crate) fn unregister(entry_span_id: u64) {
 }
 
 /// A copy of every transaction open since before `started_before_unix_ns`, with its call.
+///
+/// A shard's lock is held only to pick its old transactions out; their calls are read after it
+/// is let go. Transactions start and end under that lock, and the exporter runs at a lower
+/// priority: the shorter it holds the lock, the rarer a request waits on an exporter that was
+/// taken off its core while holding it (thousands of transactions can be open in a stall).
 pub(crate) fn older_than(started_before_unix_ns: u64) -> Vec<(Arc<TraceCtx>, Option<Call>)> {
-    let mut out = Vec::new();
+    let mut old = Vec::new();
     for shard in &REGISTRY {
         let Ok(shard) = shard.lock() else { continue };
-        for trace in shard.values().filter(|t| t.start_unix_ns < started_before_unix_ns) {
-            let call = trace.current_call.lock().ok().and_then(|c| c.clone());
-            out.push((trace.clone(), call));
-        }
+        old.extend(
+            shard
+                .values()
+                .filter(|t| t.start_unix_ns < started_before_unix_ns)
+                .cloned(),
+        );
     }
-    out
+    old.into_iter()
+        .map(|trace| {
+            let call = trace.current_call.lock().ok().and_then(|c| c.clone());
+            (trace, call)
+        })
+        .collect()
 }
