@@ -20,23 +20,30 @@ async fn p99_from_histograms_is_within_one_percent_at_one_percent_sampling() {
     .unwrap();
 
     const REQUESTS: u64 = 3_000;
-    let mut durations = Vec::with_capacity(REQUESTS as usize);
+    // Each request is timed twice: just inside its span and just around it. The span's own
+    // duration lies between the two, so the true p99 of what the spans measured lies between
+    // the two p99s. On a quiet machine they are microseconds apart; on a loaded one (CI runs
+    // tests side by side) the thread is sometimes held up between its clock and the span's,
+    // and one bracket alone then reads a correct histogram 2-4% off (seen both ways).
+    let mut inside = Vec::with_capacity(REQUESTS as usize);
+    let mut around = Vec::with_capacity(REQUESTS as usize);
     for i in 0..REQUESTS {
         // 0.1 to 2 ms, with a tail: every 50th request takes 5 ms.
         let work = if i % 50 == 0 { 5_000 } else { 100 + (i * 7919) % 1_900 };
-        // Timed inside the span, the interval the span measures: timed around it, whatever
-        // delays the thread between its clock and the span (taken off its core on a loaded
-        // machine, CI running tests side by side) counts in the truth and not in the
-        // histogram; one CI run read 2.4% low that way, the same test alone 0.1-0.5%.
+        let outer = Instant::now();
         let request = sightline::transaction("AcceptChat").entered();
-        let started = Instant::now();
+        let inner = Instant::now();
         std::thread::sleep(Duration::from_micros(work));
-        durations.push(started.elapsed().as_micros() as u64);
+        inside.push(inner.elapsed().as_micros() as u64);
         drop(request);
+        around.push(outer.elapsed().as_micros() as u64);
     }
-    durations.sort_unstable();
     // Nearest rank, as a histogram reads its quantiles.
-    let true_p99 = durations[((REQUESTS as f64 * 0.99).ceil() as usize) - 1] as f64;
+    let p99 = |mut durations: Vec<u64>| {
+        durations.sort_unstable();
+        durations[((REQUESTS as f64 * 0.99).ceil() as usize) - 1] as f64
+    };
+    let (p99_inside, p99_around) = (p99(inside), p99(around));
 
     let ch = store::client(&config.clickhouse.url, &config.clickhouse.database, &config.clickhouse);
     #[derive(clickhouse::Row, serde::Deserialize)]
@@ -60,15 +67,13 @@ async fn p99_from_histograms_is_within_one_percent_at_one_percent_sampling() {
     let histogram = sightline_proto::histogram::from_sparse(hist.buckets.into_iter().zip(hist.counts));
     assert_eq!(histogram.len(), REQUESTS);
     let stored_p99 = histogram.value_at_quantile(0.99) as f64;
-    let error = (stored_p99 - true_p99).abs() / true_p99;
     println!(
-        "p99: true {true_p99} us, from histograms {stored_p99} us, error {:.3}%",
-        error * 100.0
+        "p99: {p99_inside} us timed inside the spans, {p99_around} us around them, from histograms {stored_p99} us"
     );
+    // The shared layout's 2 significant digits: within 1% of a value between the brackets.
     assert!(
-        error <= 0.01,
-        "p99 {stored_p99} us vs true {true_p99} us: {:.2}% off",
-        error * 100.0
+        stored_p99 >= p99_inside * 0.99 && stored_p99 <= p99_around * 1.01,
+        "p99 {stored_p99} us is not within 1% of [{p99_inside}, {p99_around}] us"
     );
     drop(agent);
     collector.shutdown().await.unwrap();
