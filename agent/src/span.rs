@@ -993,23 +993,20 @@ impl Span {
         poll: impl FnOnce() -> std::task::Poll<T>,
         on_ready: impl FnOnce(&mut Span, &T),
     ) -> std::task::Poll<T> {
-        let Some(span) = slot.as_mut() else { return poll() };
-        let Some(span_id) = span.data.as_ref().map(|d| d.record.span_id) else {
-            let result = poll();
-            if let std::task::Poll::Ready(output) = &result {
-                on_ready(span, output);
-                slot.take();
-            }
-            return result;
-        };
-        push_frame(span_id, &span.data.as_ref().expect("checked").trace);
+        // A disabled span (agent off, trace not recorded) makes no scope.
+        let scope = slot.as_ref().and_then(|span| span.data.as_ref()).map(|data| {
+            push_frame(data.record.span_id, &data.trace);
+            data.record.span_id
+        });
         let result = poll();
         if let std::task::Poll::Ready(output) = &result {
             if let Some(mut span) = slot.take() {
                 on_ready(&mut span, output);
             }
         }
-        pop(span_id);
+        if let Some(span_id) = scope {
+            pop(span_id);
+        }
         result
     }
 
