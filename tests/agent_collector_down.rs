@@ -1,6 +1,8 @@
 //! The collector is not there while the app serves: the app runs on, the agent keeps at most
 //! its cap of spans and counts the rest as dropped, and once a collector appears the agent
-//! sends what it kept, its exact RED, and reports the drops in its heartbeats.
+//! sends what it kept, its exact RED, and reports the drops in its heartbeats. When the
+//! collector goes away again and another one takes its place, the new stream is told the names
+//! the agent's spans were encoded with.
 
 use std::time::Duration;
 
@@ -78,6 +80,34 @@ async fn agent_keeps_its_cap_while_the_collector_is_away_and_reports_drops_after
         (metric(&text, sample) == dropped as f64).then_some(())
     })
     .await;
+
+    // The collector goes away; spans made meanwhile, with names old and new, reach the next one.
+    collector.shutdown().await.unwrap();
+    for _ in 0..100 {
+        let _request = sightline::transaction("Notify").operation("POST /push").entered();
+        let _call = sightline::span("POST /v1/send").client("http", "apns").entered();
+        let _new = sightline::span("GET /v1/token").client("http", "fcm").entered();
+    }
+    let collector = Collector::start(config.clone()).await.unwrap();
+    let names = eventually("the spans made while away", Duration::from_secs(30), || async {
+        let names: Vec<(String, String, String, u64)> = ch
+            .query("SELECT operation, bt, peer, count() FROM spans GROUP BY operation, bt, peer ORDER BY operation")
+            .fetch_all()
+            .await
+            .unwrap();
+        (names.iter().map(|n| n.3).sum::<u64>() == CAP as u64 + 300).then_some(names)
+    })
+    .await;
+    let expected = [
+        ("GET /v1/token", "Notify", "fcm", 100),
+        ("POST /push", "Notify", "", CAP as u64 / 2 + 100),
+        ("POST /v1/send", "Notify", "apns", CAP as u64 / 2 + 100),
+    ];
+    let names: Vec<(&str, &str, &str, u64)> = names
+        .iter()
+        .map(|(o, b, p, c)| (o.as_str(), b.as_str(), p.as_str(), *c))
+        .collect();
+    assert_eq!(names, expected);
     drop(agent);
     collector.shutdown().await.unwrap();
 }

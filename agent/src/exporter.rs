@@ -2,20 +2,21 @@
 //! executor never runs export work.
 //!
 //! It drains the hand-off queue every `flush_interval`, folds every finished span into
-//! per-minute RED histograms (exact: unsampled transactions count too), and sends batches on a
-//! `sightline.v1` stream with a per-stream string dictionary. Batches stay pending until the
-//! collector acknowledges them and are sent again on a new stream after a reconnect; past
-//! `max_pending_spans` or `max_pending_bytes` the oldest are dropped and counted. Heartbeats report queue depth and
-//! drops.
+//! per-minute RED histograms (exact: unsampled transactions count too), encodes each sampled
+//! span into protobuf right away (names as ids of the [`Dictionary`]), and sends those bytes in
+//! batches on a `sightline.v1` stream. Batches stay pending, as bytes, until the collector
+//! acknowledges them and are sent again on a new stream after a reconnect; past
+//! `max_pending_spans` or `max_pending_bytes` the oldest spans are dropped and counted.
+//! Heartbeats report queue depth and drops.
 
 use std::{
-    borrow::Cow,
     collections::VecDeque,
     hash::{Hash, Hasher},
     sync::atomic::Ordering,
     time::Duration,
 };
 
+use prost::bytes::Bytes;
 use rustc_hash::FxHashMap;
 use sightline_proto::{
     histogram,
@@ -31,9 +32,10 @@ use crate::{
     agent::Agent,
     clock,
     config::{Config, Protocol},
+    dictionary::Dictionary,
     inflight, otlp,
-    span::{self, Detail, Kind, Name, Record, SharedName},
-    wire::{BatchWriter, Encoded, SpanFields},
+    span::{self, Kind, Name, Record, SharedName},
+    wire::{self, Encoded, SpanFields},
 };
 
 /// How often the threads' rings are emptied when not at a flush. Every 10 ms cost the exporter
@@ -49,93 +51,17 @@ const HTTP_STATUS_KEY: &str = "http.response.status_code";
 /// Spans per batch: ~1 MB on the wire, far under the collector's request limit.
 const MAX_BATCH_SPANS: usize = 8192;
 
-/// A sampled span, complete, waiting to be sent.
-pub(crate) struct Finished {
-    pub trace_id: u128,
-    pub span_id: u64,
-    pub parent_span_id: u64,
-    pub operation: Name,
-    pub kind: Kind,
-    pub component: Name,
-    pub peer: Name,
-    pub bt: SharedName,
-    pub start_unix_ns: u64,
-    pub duration_ns: u64,
-    /// 0: none.
-    pub http_status: u16,
-    pub detail: Option<Box<Detail>>,
-}
+/// What one span takes encoded, about (a server or client span with its HTTP status, no other
+/// attribute: 70-90 bytes): room for a drain's spans is made once from it.
+const SPAN_BYTES_GUESS: usize = 96;
 
-impl Finished {
-    pub(crate) fn error(&self) -> Option<&(Name, String)> {
-        self.detail.as_ref().and_then(|d| d.error.as_ref())
-    }
-
-    pub(crate) fn caller(&self) -> Option<&(String, String)> {
-        self.detail.as_ref().and_then(|d| d.caller.as_ref())
-    }
-
-    /// The span's attributes, its HTTP status among them.
-    pub(crate) fn attributes(&self) -> impl Iterator<Item = (&str, Cow<'_, str>)> {
-        let status = (self.http_status != 0).then(|| (HTTP_STATUS_KEY, Cow::Owned(self.http_status.to_string())));
-        let given = self.detail.iter().flat_map(|d| d.attributes.iter());
-        status
-            .into_iter()
-            .chain(given.map(|(k, v)| (k.as_ref(), Cow::Borrowed(v.as_str()))))
-    }
-}
-
-/// Spans and RED not yet acknowledged; `batch_id` 0 while not yet cut into a batch.
+/// Spans (encoded as `Batch.spans` fields, [`wire::write_span`]) and RED not yet acknowledged;
+/// `batch_id` 0 while not yet cut into a batch. What it holds in memory is `spans.len()`.
 struct Pending {
     batch_id: u64,
-    spans: Vec<Finished>,
-    /// What `spans` take in memory, by [`span_bytes`].
-    bytes: usize,
+    spans: Bytes,
+    span_count: usize,
     histograms: Vec<(RedKey, RedValue)>,
-}
-
-impl Pending {
-    fn new(batch_id: u64, spans: Vec<Finished>, histograms: Vec<(RedKey, RedValue)>) -> Self {
-        let bytes = spans.iter().map(span_bytes).sum();
-        Self {
-            batch_id,
-            spans,
-            bytes,
-            histograms,
-        }
-    }
-}
-
-/// What the allocator takes for a block of `size` bytes: malloc's 8-byte header, rounded to
-/// 16, at least 32 (glibc's chunks; other allocators' size classes are no smaller). Counting
-/// requested sizes alone put the agent's real memory at twice its cap.
-fn heap(size: usize) -> usize {
-    if size == 0 {
-        0
-    } else {
-        (size + 8).next_multiple_of(16).max(32)
-    }
-}
-
-/// The memory a pending span holds: its record and every block it owns.
-fn span_bytes(span: &Finished) -> usize {
-    let owned = |name: &Name| match name {
-        Name::Owned(s) => heap(s.capacity()),
-        Name::Borrowed(_) => 0,
-    };
-    let detail = span.detail.as_ref().map_or(0, |d| {
-        heap(std::mem::size_of::<Detail>())
-            + d.error.as_ref().map_or(0, |(t, m)| owned(t) + heap(m.capacity()))
-            + heap(d.attributes.capacity() * std::mem::size_of::<(Name, String)>())
-            + d.attributes
-                .iter()
-                .map(|(k, v)| owned(k) + heap(v.capacity()))
-                .sum::<usize>()
-            + d.caller
-                .as_ref()
-                .map_or(0, |(s, o)| heap(s.capacity()) + heap(o.capacity()))
-    });
-    std::mem::size_of::<Finished>() + owned(&span.operation) + owned(&span.component) + owned(&span.peer) + detail
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -357,95 +283,6 @@ fn stage(span: &Record) -> &'static str {
     }
 }
 
-/// Per-stream string table; index 0 is "".
-struct Dictionary {
-    index: FxHashMap<String, u32>,
-    /// Ids of static names by address and length: no hashing and comparing of their text (an
-    /// address of a `&'static str` never holds other text).
-    statics: FxHashMap<(usize, usize), u32>,
-    recent: [((usize, usize), u32); RECENT_SLOTS],
-    added: Vec<String>,
-}
-
-impl Default for Dictionary {
-    fn default() -> Self {
-        Self {
-            index: FxHashMap::default(),
-            statics: FxHashMap::default(),
-            // Address 0 is no name's.
-            recent: [((0, 0), 0); RECENT_SLOTS],
-            added: Vec::new(),
-        }
-    }
-}
-
-/// Slots of [`Dictionary::recent`].
-const RECENT_SLOTS: usize = 256;
-
-/// A static name's slot in [`Dictionary::recent`]: its address mixed, so that names packed
-/// side by side do not share slots (the address's low bits alone gave collisions that moved
-/// with the build's layout: 230-400 exporter instructions a request for the same names).
-fn recent_slot((address, len): (usize, usize)) -> usize {
-    ((address ^ len.rotate_left(40)) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) as usize >> (usize::BITS - 8)
-}
-
-impl Dictionary {
-    fn id_static(&mut self, s: &'static str) -> u32 {
-        let key = (s.as_ptr() as usize, s.len());
-        // A few names make most spans: a direct-mapped slot by address answers before the map.
-        let slot = &mut self.recent[recent_slot(key)];
-        if slot.0 == key {
-            return slot.1;
-        }
-        let i = match self.statics.get(&key) {
-            Some(&i) => i,
-            None => {
-                let i = self.id(s);
-                self.statics.insert(key, i);
-                i
-            }
-        };
-        self.recent[recent_slot(key)] = (key, i);
-        i
-    }
-
-    fn id_name(&mut self, name: &Name) -> u32 {
-        match name {
-            Name::Borrowed(s) => self.id_static(s),
-            Name::Owned(s) => self.id(s),
-        }
-    }
-
-    /// The id of a name given one already; 0 otherwise.
-    fn known(&self, name: &Name) -> u32 {
-        match name {
-            Name::Borrowed(s) => self.statics.get(&(s.as_ptr() as usize, s.len())).copied(),
-            Name::Owned(s) => self.index.get(s.as_str()).copied(),
-        }
-        .unwrap_or(0)
-    }
-
-    fn id_shared(&mut self, name: &SharedName) -> u32 {
-        match name {
-            SharedName::Static(s) => self.id_static(s),
-            SharedName::Shared(s) => self.id(s),
-        }
-    }
-
-    fn id(&mut self, s: &str) -> u32 {
-        if s.is_empty() {
-            return 0;
-        }
-        if let Some(&i) = self.index.get(s) {
-            return i;
-        }
-        let i = self.index.len() as u32 + 1;
-        self.index.insert(s.to_string(), i);
-        self.added.push(s.to_string());
-        i
-    }
-}
-
 pub(crate) struct Exporter {
     config: Config,
     agent: &'static Agent,
@@ -453,6 +290,7 @@ pub(crate) struct Exporter {
     pending_spans: usize,
     pending_bytes: usize,
     red: RedTable,
+    dictionary: Dictionary,
     next_batch_id: u64,
     sent_spans: u64,
 }
@@ -467,6 +305,7 @@ impl Exporter {
             pending_spans: 0,
             pending_bytes: 0,
             red: RedTable::default(),
+            dictionary: Dictionary::default(),
             next_batch_id,
             sent_spans: 0,
         }
@@ -544,11 +383,9 @@ impl Exporter {
 
     async fn export_otlp(&mut self, client: &mut Option<otlp::OtlpClient>) -> Result<(), String> {
         self.red.clear();
-        for batch in self.cut_batches() {
-            self.pending.push_back(batch);
-        }
+        self.cut_batches();
         while let Some(batch) = self.pending.front() {
-            if !batch.spans.is_empty() {
+            if batch.span_count > 0 {
                 if client.is_none() {
                     *client = Some(otlp::OtlpClient::connect(self.config.collector.clone(), &self.config.token).await?);
                 }
@@ -557,7 +394,7 @@ impl Exporter {
                     version: &self.agent.version,
                     instance: &self.agent.instance,
                 };
-                let request = otlp::request(&identity, &batch.spans);
+                let request = otlp::request(&identity, &batch.spans, &self.dictionary)?;
                 let sent = client.as_mut().expect("connected above").export(request).await;
                 if let Err(e) = sent {
                     *client = None;
@@ -565,8 +402,8 @@ impl Exporter {
                 }
             }
             let done = self.pending.pop_front().expect("front exists");
-            self.pending_spans -= done.spans.len();
-            self.pending_bytes -= done.bytes;
+            self.pending_spans -= done.span_count;
+            self.pending_bytes -= done.spans.len();
         }
         Ok(())
     }
@@ -593,13 +430,13 @@ impl Exporter {
             .await
             .map_err(|e| e.to_string())?
             .into_inner();
-        let mut dictionary = Dictionary::default();
+        self.dictionary.start_stream();
         // Everything not yet acknowledged goes again on this stream, oldest first.
         for i in 0..self.pending.len() {
             if self.pending[i].batch_id == 0 {
                 continue; // not cut into a batch yet
             }
-            let message = self.encode(&self.pending[i], &mut dictionary);
+            let message = self.batch_message(i);
             tx.send(message).await.map_err(|_| "stream closed")?;
         }
         // Draining keeps the rings short even when sending is paused (backpressure) or the
@@ -615,20 +452,19 @@ impl Exporter {
                 _ = flush.tick() => {
                     self.collect();
                     if tokio::time::Instant::now() >= paused_until {
-                        for batch in self.cut_batches() {
-                            let message = self.encode(&batch, &mut dictionary);
-                            self.pending.push_back(batch);
+                        for i in self.cut_batches() {
+                            let message = self.batch_message(i);
                             tx.send(message).await.map_err(|_| "stream closed")?;
                         }
                     }
                 }
                 _ = inflight_check.tick() => {
-                    if let Some(message) = self.inflight_snapshot(&mut dictionary) {
+                    if let Some(message) = self.inflight_snapshot() {
                         tx.send(message).await.map_err(|_| "stream closed")?;
                     }
                 }
                 _ = heartbeat.tick() => {
-                    let message = self.heartbeat(&mut dictionary);
+                    let message = self.heartbeat();
                     tx.send(message).await.map_err(|_| "stream closed")?;
                 }
                 message = inbound.message() => match message {
@@ -649,9 +485,8 @@ impl Exporter {
                 },
                 _ = &mut *stop => {
                     self.collect();
-                    for batch in self.cut_batches() {
-                        let message = self.encode(&batch, &mut dictionary);
-                        self.pending.push_back(batch);
+                    for i in self.cut_batches() {
+                        let message = self.batch_message(i);
                         let _ = tx.send(message).await;
                     }
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -674,17 +509,22 @@ impl Exporter {
         }
     }
 
-    /// Takes everything the application threads handed off: RED for all, spans kept when
-    /// sampled.
+    /// Takes everything the application threads handed off: RED for all, spans encoded and
+    /// kept when sampled.
     fn collect(&mut self) {
-        let mut incoming = Vec::new();
-        let red = &mut self.red;
+        let mut written: Vec<u8> = Vec::new();
+        let mut span_count = 0;
+        // A trace's BT id, looked up once per hand-off (u32::MAX: not yet).
+        let mut bt_ids: Vec<u32> = Vec::new();
+        let (red, dictionary) = (&mut self.red, &mut self.dictionary);
         self.agent.drain(|records, batch: &mut span::Batch| {
             // Room for every record of the drain (sampled or not), made once; what is not used
             // is given back below.
-            if incoming.capacity() == 0 {
-                incoming.reserve_exact(records);
+            if written.capacity() == 0 {
+                written.reserve_exact(records * SPAN_BYTES_GUESS);
             }
+            bt_ids.clear();
+            bt_ids.resize(batch.traces.len(), u32::MAX);
             // Holes (span id 0) are spans that were still open and moved to a later batch.
             for span in batch.records.drain(..).filter(|r| r.span_id != 0) {
                 let trace = &batch.traces[span.trace as usize];
@@ -701,33 +541,30 @@ impl Exporter {
                 };
                 red.record(key, duration_ns.div_ceil(1000));
                 if trace.sampled {
-                    incoming.push(Finished {
-                        trace_id: trace.trace_id,
-                        span_id: span.span_id,
-                        parent_span_id: span.parent_span_id,
-                        operation: span.operation,
-                        kind: span.kind,
-                        component: span.component,
-                        peer: span.peer,
-                        bt: trace.bt.clone(),
-                        start_unix_ns,
-                        duration_ns,
-                        http_status: span.http_status,
-                        detail: span.detail,
-                    });
+                    let bt = &mut bt_ids[span.trace as usize];
+                    if *bt == u32::MAX {
+                        *bt = dictionary.id_shared(&trace.bt);
+                    }
+                    let times = (start_unix_ns, duration_ns);
+                    write_span(&mut written, dictionary, &span, trace.trace_id, *bt, times);
+                    span_count += 1;
                 }
             }
         });
-        if incoming.is_empty() {
+        if span_count == 0 {
             return;
         }
         // Held for as long as the collector is away: no spare capacity (shrinking in place
         // copies nothing).
-        incoming.shrink_to_fit();
-        let incoming = Pending::new(0, incoming, Vec::new());
-        self.pending_spans += incoming.spans.len();
-        self.pending_bytes += incoming.bytes;
-        self.pending.push_back(incoming);
+        written.shrink_to_fit();
+        self.pending_spans += span_count;
+        self.pending_bytes += written.len();
+        self.pending.push_back(Pending {
+            batch_id: 0,
+            spans: Bytes::from(written),
+            span_count,
+            histograms: Vec::new(),
+        });
         // Over a cap: exactly the excess goes, oldest spans first. RED is never dropped: a
         // discarded batch's histograms go back to be sent again.
         let (max_spans, max_bytes) = (self.config.max_pending_spans, self.config.max_pending_bytes);
@@ -736,70 +573,86 @@ impl Exporter {
             let excess_bytes = self.pending_bytes.saturating_sub(max_bytes);
             let Some(oldest) = self.pending.front_mut() else { break };
             let (mut cut, mut cut_bytes) = (0, 0);
-            for span in &oldest.spans {
+            for end in wire::span_ends(&oldest.spans) {
                 if cut >= excess_spans && cut_bytes >= excess_bytes {
                     break;
                 }
                 cut += 1;
-                cut_bytes += span_bytes(span);
+                cut_bytes = end;
             }
-            oldest.spans.drain(..cut);
-            oldest.spans.shrink_to_fit();
-            oldest.bytes -= cut_bytes;
+            // A copy of what stays, so that what goes is freed now.
+            oldest.spans = Bytes::copy_from_slice(&oldest.spans[cut_bytes..]);
+            oldest.span_count -= cut;
             self.pending_spans -= cut;
             self.pending_bytes -= cut_bytes;
             self.agent.dropped_spans.fetch_add(cut as u64, Ordering::Relaxed);
-            if oldest.spans.is_empty() {
+            if oldest.span_count == 0 {
                 let emptied = self.pending.pop_front().expect("front exists");
                 for (key, value) in emptied.histograms {
                     self.red.add(key, value);
                 }
+            } else if cut == 0 {
+                break; // nothing to cut (cannot happen: every span was written by `wire`)
             }
         }
     }
 
     /// Cuts the not-yet-sent pending spans (batch id 0) and the RED so far into batches of at
-    /// most [`MAX_BATCH_SPANS`] spans (well under the collector's message limit).
-    fn cut_batches(&mut self) -> Vec<Pending> {
+    /// most [`MAX_BATCH_SPANS`] spans (well under the collector's message limit); returns where
+    /// they are in `pending` (at its end).
+    fn cut_batches(&mut self) -> std::ops::Range<usize> {
         let mut unsent = Vec::new();
         while self.pending.back().is_some_and(|p| p.batch_id == 0) {
             unsent.push(self.pending.pop_back().expect("checked"));
         }
-        let mut histograms = self.red.drain();
-        // The usual case, one drain's spans since the last flush: they are the batch, unmoved.
-        if unsent.len() == 1 && unsent[0].spans.len() <= MAX_BATCH_SPANS {
-            let mut batch = unsent.pop().expect("one");
-            self.next_batch_id += 1;
-            self.sent_spans += batch.spans.len() as u64;
-            batch.batch_id = self.next_batch_id;
-            batch.histograms = histograms;
-            return vec![batch];
-        }
-        let mut batches = Vec::new();
-        let mut spans = unsent.into_iter().rev().flat_map(|p| p.spans);
-        loop {
-            // Each batch sized to what it holds (`split_off` would leave the first batch with
-            // the capacity of all of them until it is acknowledged).
-            let chunk: Vec<Finished> = spans.by_ref().take(MAX_BATCH_SPANS).collect();
-            if chunk.is_empty() && histograms.is_empty() {
-                break;
+        let first = self.pending.len();
+        for drained in unsent.into_iter().rev() {
+            if drained.span_count <= MAX_BATCH_SPANS {
+                // The usual case, one drain's spans: they are the batch, unmoved.
+                self.push_batch(drained.spans, drained.span_count);
+                continue;
             }
-            self.next_batch_id += 1;
-            self.sent_spans += chunk.len() as u64;
-            batches.push(Pending::new(self.next_batch_id, chunk, std::mem::take(&mut histograms)));
+            let (mut start, mut count) = (0, 0);
+            let ends: Vec<usize> = wire::span_ends(&drained.spans).collect();
+            for (i, end) in ends.iter().enumerate() {
+                count += 1;
+                if count == MAX_BATCH_SPANS || i + 1 == ends.len() {
+                    self.push_batch(drained.spans.slice(start..*end), count);
+                    (start, count) = (*end, 0);
+                }
+            }
         }
-        batches
+        let histograms = self.red.drain();
+        if !histograms.is_empty() {
+            if self.pending.len() == first {
+                self.push_batch(Bytes::new(), 0);
+            }
+            self.pending.back_mut().expect("one at least").histograms = histograms;
+        }
+        first..self.pending.len()
+    }
+
+    fn push_batch(&mut self, spans: Bytes, span_count: usize) {
+        self.next_batch_id += 1;
+        self.sent_spans += span_count as u64;
+        self.pending.push_back(Pending {
+            batch_id: self.next_batch_id,
+            spans,
+            span_count,
+            histograms: Vec::new(),
+        });
     }
 
     fn acknowledge(&mut self, batch_id: u64) {
         if let Some(i) = self.pending.iter().position(|p| p.batch_id == batch_id) {
             let done = self.pending.remove(i).expect("found");
-            self.pending_spans -= done.spans.len();
-            self.pending_bytes -= done.bytes;
+            self.pending_spans -= done.span_count;
+            self.pending_bytes -= done.spans.len();
         }
     }
 
-    fn resource(&self, dictionary: &mut Dictionary) -> Resource {
+    fn resource(&mut self) -> Resource {
+        let dictionary = &mut self.dictionary;
         Resource {
             service: dictionary.id(self.agent.service()),
             service_version: dictionary.id(&self.agent.version),
@@ -807,47 +660,11 @@ impl Exporter {
         }
     }
 
-    fn encode(&self, batch: &Pending, dictionary: &mut Dictionary) -> Encoded {
-        dictionary.added.clear();
-        let resource = self.resource(dictionary);
-        let buckets = batch.histograms.iter().map(|(_, v)| v.buckets.len() + 8).sum();
-        let mut writer = BatchWriter::new(batch.spans.len(), buckets);
-        for s in &batch.spans {
-            let fields = SpanFields {
-                trace_id: s.trace_id,
-                span_id: s.span_id,
-                parent_span_id: s.parent_span_id,
-                operation: dictionary.id_name(&s.operation),
-                kind: kind(s.kind) as i32,
-                component: dictionary.id_name(&s.component),
-                peer: dictionary.id_name(&s.peer),
-                business_transaction: dictionary.id_shared(&s.bt),
-                start_unix_nanos: s.start_unix_ns,
-                duration_nanos: s.duration_ns,
-                status: if s.error().is_some() {
-                    WireStatus::Error
-                } else {
-                    WireStatus::Unset
-                } as i32,
-                error_type: s.error().map_or(0, |e| dictionary.id_name(&e.0)),
-                error_message: s.error().map_or("", |e| e.1.as_str()),
-                caller_service: s.caller().map_or(0, |c| dictionary.id(&c.0)),
-                caller_operation: s.caller().map_or(0, |c| dictionary.id(&c.1)),
-                http_status: s.http_status,
-                http_status_key: if s.http_status == 0 {
-                    0
-                } else {
-                    dictionary.id_static(HTTP_STATUS_KEY)
-                },
-            };
-            // Keys get their ids first: the writer goes over the attributes twice.
-            let given = s.detail.iter().flat_map(|d| d.attributes.iter());
-            for (key, _) in given.clone() {
-                dictionary.id_name(key);
-            }
-            let known: &Dictionary = dictionary;
-            writer.span(&fields, given.map(|(key, value)| (known.known(key), value.as_str())));
-        }
+    /// The message of pending batch `index`, for the current stream.
+    fn batch_message(&mut self, index: usize) -> Encoded {
+        let resource = self.resource();
+        let batch = &self.pending[index];
+        let dictionary = &mut self.dictionary;
         let histograms: Vec<LatencyHistogram> = batch
             .histograms
             .iter()
@@ -868,21 +685,26 @@ impl Exporter {
                 }
             })
             .collect();
-        let added = std::mem::take(&mut dictionary.added);
-        writer.finish(batch.batch_id, &added, &resource, &histograms)
+        wire::batch_message(
+            batch.batch_id,
+            batch.spans.clone(),
+            dictionary.unsent(),
+            &resource,
+            &histograms,
+        )
     }
 
     /// Transactions open longer than the threshold, with the call each is inside. Sent once and
     /// not kept: a snapshot is about now, and an old one must not be resent after a reconnect.
-    fn inflight_snapshot(&mut self, dictionary: &mut Dictionary) -> Option<Encoded> {
+    fn inflight_snapshot(&mut self) -> Option<Encoded> {
         let now = crate::clock::unix_ns(crate::clock::now_raw());
         let threshold = self.config.inflight_threshold.as_nanos() as u64;
         let stuck = inflight::older_than(now.saturating_sub(threshold));
         if stuck.is_empty() {
             return None;
         }
-        dictionary.added.clear();
-        let resource = self.resource(dictionary);
+        let resource = self.resource();
+        let dictionary = &mut self.dictionary;
         let inflight = stuck
             .iter()
             .map(|(trace, call)| InflightTransaction {
@@ -900,7 +722,7 @@ impl Exporter {
         Some(Encoded::of(&AgentMessage {
             body: Some(agent_message::Body::Batch(Batch {
                 batch_id: self.next_batch_id,
-                new_strings: std::mem::take(&mut dictionary.added),
+                new_strings: dictionary.unsent().to_vec(),
                 resource: Some(resource),
                 spans: vec![],
                 histograms: vec![],
@@ -909,16 +731,16 @@ impl Exporter {
         }))
     }
 
-    fn heartbeat(&self, dictionary: &mut Dictionary) -> Encoded {
-        // Heartbeats add no strings: the resource's strings are sent in a batch first.
-        let mut probe = Dictionary {
-            index: dictionary.index.clone(),
-            ..Dictionary::default()
-        };
-        let resource = self.resource(&mut probe);
+    fn heartbeat(&mut self) -> Encoded {
+        // Heartbeats add no strings: the resource goes only once a batch told the stream its
+        // strings.
+        let resource = self.resource();
+        let told = [resource.service, resource.service_version, resource.instance]
+            .into_iter()
+            .all(|id| self.dictionary.is_sent(id));
         Encoded::of(&AgentMessage {
             body: Some(agent_message::Body::Heartbeat(Heartbeat {
-                resource: probe.added.is_empty().then_some(resource),
+                resource: told.then_some(resource),
                 unix_millis: crate::clock::unix_ns(crate::clock::now_raw()) / 1_000_000,
                 queue_depth: self.agent.queued_batches() as u64,
                 dropped_spans: self.agent.dropped_spans.load(Ordering::Relaxed),
@@ -926,6 +748,58 @@ impl Exporter {
             })),
         })
     }
+}
+
+/// One sampled span appended to `buf` as a `Batch.spans` field, its names as dictionary ids.
+fn write_span(
+    buf: &mut Vec<u8>,
+    dictionary: &mut Dictionary,
+    span: &Record,
+    trace_id: u128,
+    bt: u32,
+    (start_unix_ns, duration_ns): (u64, u64),
+) {
+    let detail = span.detail.as_deref();
+    let error = detail.and_then(|d| d.error.as_ref());
+    let caller = detail.and_then(|d| d.caller.as_ref());
+    let fields = SpanFields {
+        trace_id,
+        span_id: span.span_id,
+        parent_span_id: span.parent_span_id,
+        operation: dictionary.id_name(&span.operation),
+        kind: kind(span.kind) as i32,
+        component: dictionary.id_name(&span.component),
+        peer: dictionary.id_name(&span.peer),
+        business_transaction: bt,
+        start_unix_nanos: start_unix_ns,
+        duration_nanos: duration_ns,
+        status: if error.is_some() {
+            WireStatus::Error
+        } else {
+            WireStatus::Unset
+        } as i32,
+        error_type: error.map_or(0, |e| dictionary.id_name(&e.0)),
+        error_message: error.map_or("", |e| e.1.as_str()),
+        caller_service: caller.map_or(0, |c| dictionary.id(&c.0)),
+        caller_operation: caller.map_or(0, |c| dictionary.id(&c.1)),
+        http_status: span.http_status,
+        http_status_key: if span.http_status == 0 {
+            0
+        } else {
+            dictionary.id_static(HTTP_STATUS_KEY)
+        },
+    };
+    // Keys get their ids first: the writer goes over the attributes twice.
+    let attributes = detail.map_or(&[][..], |d| &d.attributes[..]);
+    for (key, _) in attributes {
+        dictionary.id_name(key);
+    }
+    let known: &Dictionary = dictionary;
+    wire::write_span(
+        buf,
+        &fields,
+        attributes.iter().map(|(key, value)| (known.known(key), value.as_str())),
+    );
 }
 
 fn kind(kind: Kind) -> SpanKind {
@@ -942,8 +816,10 @@ fn kind(kind: Kind) -> SpanKind {
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use prost::Message;
+
     use super::*;
-    use crate::span::{Batch, Record, TraceCtx};
+    use crate::span::{Batch as Handoff, Detail, Record, TraceCtx};
 
     #[test]
     fn red_counts_every_span_under_its_own_key_static_names_or_not() {
@@ -1016,7 +892,7 @@ mod tests {
             start_unix_ns: 0,
             current_call: Mutex::new(None),
         });
-        let mut batch = Batch::default();
+        let mut batch = Handoff::default();
         batch.traces.push(trace);
         for span_id in 1..=spans {
             batch.records.push(Record {
@@ -1060,11 +936,7 @@ mod tests {
             "only the excess goes: {}",
             exporter.pending_bytes
         );
-        let kept: Vec<u64> = exporter
-            .pending
-            .iter()
-            .flat_map(|p| p.spans.iter().map(|s| s.span_id))
-            .collect();
+        let kept: Vec<u64> = exporter.pending.iter().flat_map(|p| span_ids(&p.spans)).collect();
         let dropped = agent.dropped_spans.load(Ordering::Relaxed);
         assert_eq!(dropped + kept.len() as u64, 1000);
         assert_eq!(kept.first(), Some(&(dropped + 1)), "the newest are kept");
@@ -1085,11 +957,46 @@ mod tests {
         exporter.collect();
         assert_eq!(exporter.pending_spans, 100);
         assert_eq!(agent.dropped_spans.load(Ordering::Relaxed), 400);
-        let bytes: usize = exporter
-            .pending
-            .iter()
-            .flat_map(|p| p.spans.iter().map(span_bytes))
-            .sum();
+        let bytes: usize = exporter.pending.iter().map(|p| p.spans.len()).sum();
         assert_eq!(exporter.pending_bytes, bytes, "the byte count follows what is held");
+        let kept: Vec<u64> = exporter.pending.iter().flat_map(|p| span_ids(&p.spans)).collect();
+        assert_eq!(kept, (401..=500).collect::<Vec<_>>(), "the newest, whole");
+    }
+
+    #[test]
+    fn a_large_drain_is_cut_into_bounded_batches_in_order_with_red_once() {
+        let agent = handed_off(20_000, 10);
+        let mut exporter = Exporter::new(Config::default(), agent);
+        exporter.collect();
+        let cut = exporter.cut_batches();
+        assert_eq!(cut, 0..3);
+        let counts: Vec<usize> = exporter.pending.iter().map(|p| p.span_count).collect();
+        assert_eq!(counts, [MAX_BATCH_SPANS, MAX_BATCH_SPANS, 20_000 - 2 * MAX_BATCH_SPANS]);
+        let ids: Vec<u64> = exporter.pending.iter().flat_map(|p| span_ids(&p.spans)).collect();
+        assert_eq!(ids, (1..=20_000).collect::<Vec<_>>());
+        let histograms: Vec<usize> = exporter.pending.iter().map(|p| p.histograms.len()).collect();
+        assert_eq!(histograms, [0, 0, 1], "RED goes once, with the last batch");
+        // Each message carries its batch's spans, and the first the strings they name.
+        let first = exporter.batch_message(0).encode_to_vec();
+        let second = exporter.batch_message(1).encode_to_vec();
+        let decode = |bytes: &[u8]| match AgentMessage::decode(bytes).unwrap().body {
+            Some(agent_message::Body::Batch(batch)) => batch,
+            other => panic!("not a batch: {other:?}"),
+        };
+        let (first, second) = (decode(&first), decode(&second));
+        assert_eq!(first.spans.len(), MAX_BATCH_SPANS);
+        assert!(
+            first.new_strings.contains(&"INSERT row".to_string()),
+            "{:?}",
+            first.new_strings
+        );
+        assert!(second.new_strings.is_empty(), "told once a stream");
+        assert_eq!(second.spans[0].operation, first.spans[0].operation);
+        assert_eq!(exporter.sent_spans, 20_000);
+    }
+
+    fn span_ids(spans: &[u8]) -> Vec<u64> {
+        let batch = Batch::decode(spans).expect("pending spans decode");
+        batch.spans.iter().map(|s| s.span_id).collect()
     }
 }

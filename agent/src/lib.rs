@@ -47,6 +47,7 @@
 mod agent;
 mod clock;
 mod config;
+mod dictionary;
 mod exporter;
 pub mod future;
 mod inflight;

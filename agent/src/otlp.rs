@@ -16,9 +16,11 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
     trace::v1::{span::SpanKind as OtlpKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status},
 };
+use prost::Message;
+use sightline_proto::v1::{self as wire, Status as WireStatus};
 use tonic::transport::Channel;
 
-use crate::{exporter::Finished, span::Kind};
+use crate::dictionary::Dictionary;
 
 /// The gRPC method every OTLP trace receiver serves.
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -78,14 +80,23 @@ pub(crate) struct Identity<'a> {
     pub instance: &'a str,
 }
 
-/// One request for `spans`, all from this process.
-pub(crate) fn request(identity: &Identity<'_>, spans: &[Finished]) -> ExportTraceServiceRequest {
+/// One request for `spans` (encoded by the exporter as native `Batch.spans` fields, names as
+/// ids of `dictionary`), all from this process.
+pub(crate) fn request(
+    identity: &Identity<'_>,
+    spans: &[u8],
+    dictionary: &Dictionary,
+) -> Result<ExportTraceServiceRequest, String> {
+    // The spans' bytes are a `Batch` of spans only.
+    let spans = wire::Batch::decode(spans)
+        .map_err(|e| format!("pending spans do not decode: {e}"))?
+        .spans;
     let mut resource = vec![kv("service.name", identity.service)];
     if !identity.version.is_empty() {
         resource.push(kv("service.version", identity.version));
     }
     resource.push(kv("service.instance.id", identity.instance));
-    ExportTraceServiceRequest {
+    Ok(ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource {
                 attributes: resource,
@@ -97,24 +108,26 @@ pub(crate) fn request(identity: &Identity<'_>, spans: &[Finished]) -> ExportTrac
                     version: env!("CARGO_PKG_VERSION").into(),
                     ..InstrumentationScope::default()
                 }),
-                spans: spans.iter().map(span).collect(),
+                spans: spans.into_iter().map(|s| span(s, dictionary)).collect(),
                 schema_url: String::new(),
             }],
             schema_url: String::new(),
         }],
-    }
+    })
 }
 
-fn span(finished: &Finished) -> Span {
-    let mut attributes = vec![kv("sightline.bt", &finished.bt)];
-    if !finished.component.is_empty() {
-        attributes.push(kv("sightline.component", &finished.component));
+fn span(native: wire::Span, dictionary: &Dictionary) -> Span {
+    let text = |id: u32| dictionary.text(id);
+    let (component, peer) = (text(native.component), text(native.peer));
+    let mut attributes = vec![kv("sightline.bt", text(native.business_transaction))];
+    if !component.is_empty() {
+        attributes.push(kv("sightline.component", component));
     }
-    if !finished.peer.is_empty() {
-        attributes.push(kv("peer.service", &finished.peer));
+    if !peer.is_empty() {
+        attributes.push(kv("peer.service", peer));
         // "postgres:orders" is system and namespace; the semantic convention of the kind.
-        let (system, namespace) = finished.peer.split_once(':').unwrap_or((&finished.peer, ""));
-        match finished.component.as_ref() {
+        let (system, namespace) = peer.split_once(':').unwrap_or((peer, ""));
+        match component {
             "db" | "cache" => {
                 attributes.push(kv("db.system", system));
                 if !namespace.is_empty() {
@@ -126,37 +139,38 @@ fn span(finished: &Finished) -> Span {
             _ => {}
         }
     }
-    if let Some((service, operation)) = finished.caller() {
-        attributes.push(kv("sightline.caller.service", service));
-        attributes.push(kv("sightline.caller.operation", operation));
+    if native.caller_service != 0 || native.caller_operation != 0 {
+        attributes.push(kv("sightline.caller.service", text(native.caller_service)));
+        attributes.push(kv("sightline.caller.operation", text(native.caller_operation)));
     }
     let mut status = None;
-    if let Some((error_type, message)) = finished.error() {
-        attributes.push(kv("error.type", error_type));
+    if native.status == WireStatus::Error as i32 {
+        attributes.push(kv("error.type", text(native.error_type)));
         status = Some(Status {
-            message: message.clone(),
+            message: native.error_message,
             code: StatusCode::Error as i32,
         });
     }
-    attributes.extend(finished.attributes().map(|(k, v)| kv(k, &v)));
+    attributes.extend(native.attributes.iter().map(|a| kv(text(a.key), &a.value)));
+    let kind = match wire::SpanKind::try_from(native.kind).unwrap_or(wire::SpanKind::Internal) {
+        wire::SpanKind::Server => OtlpKind::Server,
+        wire::SpanKind::Client => OtlpKind::Client,
+        wire::SpanKind::Producer => OtlpKind::Producer,
+        wire::SpanKind::Consumer => OtlpKind::Consumer,
+        _ => OtlpKind::Internal,
+    };
     Span {
-        trace_id: finished.trace_id.to_be_bytes().to_vec(),
-        span_id: finished.span_id.to_be_bytes().to_vec(),
-        parent_span_id: if finished.parent_span_id == 0 {
+        trace_id: native.trace_id,
+        span_id: native.span_id.to_be_bytes().to_vec(),
+        parent_span_id: if native.parent_span_id == 0 {
             Vec::new()
         } else {
-            finished.parent_span_id.to_be_bytes().to_vec()
+            native.parent_span_id.to_be_bytes().to_vec()
         },
-        name: finished.operation.to_string(),
-        kind: match finished.kind {
-            Kind::Internal => OtlpKind::Internal,
-            Kind::Server => OtlpKind::Server,
-            Kind::Client => OtlpKind::Client,
-            Kind::Producer => OtlpKind::Producer,
-            Kind::Consumer => OtlpKind::Consumer,
-        } as i32,
-        start_time_unix_nano: finished.start_unix_ns,
-        end_time_unix_nano: finished.start_unix_ns + finished.duration_ns,
+        name: text(native.operation).to_string(),
+        kind: kind as i32,
+        start_time_unix_nano: native.start_unix_nanos,
+        end_time_unix_nano: native.start_unix_nanos + native.duration_nanos,
         attributes,
         status,
         ..Span::default()

@@ -1,6 +1,9 @@
-//! The native stream's batches, encoded straight from the exporter's spans into message bytes.
+//! The native stream's batches, encoded straight from the threads' span records into message
+//! bytes.
 //!
-//! Building a `sightline.v1.Span` struct per span (its trace id, attribute and message
+//! The exporter writes each sampled span here as it takes it from a thread ([`write_span`]);
+//! those bytes are what it holds until the collector acknowledges them, and what every send of
+//! the batch shares ([`batch_message`]). Building a `sightline.v1.Span` struct per span (its trace id, attribute and message
 //! vectors), encoding it and dropping it was most of the exporter's work
 //! (`benches/scripts/instructions-per-request.sh`). Spans are written here field by field with
 //! prost's encoding functions, in the layout of `proto/sightline/v1/agent.proto`; the rest of a
@@ -9,33 +12,36 @@
 //! A test decodes what is written here with the generated types.
 
 use prost::{
-    bytes::{Buf, BufMut},
+    bytes::{Buf, BufMut, Bytes},
     encoding::{self, encode_key, encode_varint, encoded_len_varint, key_len, DecodeContext, WireType},
     DecodeError, Message,
 };
 
 /// Bytes of a message encoded ahead, sent as they are (tonic's prost codec copies them into its
-/// frame).
+/// frame). A batch's spans are shared with its pending copy, not copied into the message.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Encoded {
-    bytes: Vec<u8>,
-    /// Where the message starts in `bytes` (room is kept ahead for a length prefix).
-    start: usize,
+    /// The message's start: for a batch, `AgentMessage.batch`'s key and length.
+    head: Vec<u8>,
+    spans: Bytes,
+    tail: Vec<u8>,
 }
 
 impl Encoded {
     /// A message built with the generated types.
     pub(crate) fn of(message: &impl Message) -> Self {
         Self {
-            bytes: message.encode_to_vec(),
-            start: 0,
+            tail: message.encode_to_vec(),
+            ..Self::default()
         }
     }
 }
 
 impl Message for Encoded {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.bytes[self.start..]);
+        buf.put_slice(&self.head);
+        buf.put_slice(&self.spans);
+        buf.put_slice(&self.tail);
     }
 
     fn merge_field(
@@ -50,14 +56,65 @@ impl Message for Encoded {
     }
 
     fn encoded_len(&self) -> usize {
-        self.bytes.len() - self.start
+        self.head.len() + self.spans.len() + self.tail.len()
     }
 
     fn clear(&mut self) {
-        self.bytes.clear();
-        self.start = 0;
+        *self = Self::default();
     }
 }
+
+/// An `AgentMessage { batch }` of spans already written (by [`write_span`]), the batch's id, the
+/// strings new on the stream, its resource and histograms. Protobuf readers take fields in any
+/// order, so the strings may follow the spans that name them.
+pub(crate) fn batch_message(
+    batch_id: u64,
+    spans: Bytes,
+    new_strings: &[String],
+    resource: &sightline_proto::v1::Resource,
+    histograms: &[sightline_proto::v1::LatencyHistogram],
+) -> Encoded {
+    let mut tail = Vec::with_capacity(
+        16 + new_strings.iter().map(|s| s.len() + 4).sum::<usize>()
+            + histograms.len() * 64
+            + histograms.iter().map(|h| h.bucket_micros.len() * 8).sum::<usize>(),
+    );
+    varint(1, batch_id, &mut tail);
+    for string in new_strings {
+        encoding::string::encode(2, string, &mut tail);
+    }
+    encoding::message::encode(3, resource, &mut tail);
+    for histogram in histograms {
+        encoding::message::encode(5, histogram, &mut tail);
+    }
+    let mut head = Vec::with_capacity(HEADER_ROOM);
+    encode_key(1, WireType::LengthDelimited, &mut head);
+    encode_varint((spans.len() + tail.len()) as u64, &mut head);
+    Encoded { head, spans, tail }
+}
+
+/// Where each span written by [`write_span`] ends in `spans`, in order. Stops at the first
+/// field that is not a whole span (none: this module wrote them).
+pub(crate) fn span_ends(spans: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let mut rest = spans.get(at..)?;
+        let before = rest.len();
+        if rest.is_empty() || rest[0] != SPAN_KEY {
+            return None;
+        }
+        rest.advance(1);
+        let len = prost::encoding::decode_varint(&mut rest).ok()? as usize;
+        let end = at + (before - rest.len()) + len;
+        (end <= spans.len()).then(|| {
+            at = end;
+            end
+        })
+    })
+}
+
+/// `Batch.spans` (field 4, length-delimited): one byte.
+const SPAN_KEY: u8 = 4 << 3 | WireType::LengthDelimited as u8;
 
 /// A span's fields as they go on the wire: names already turned into dictionary ids.
 pub(crate) struct SpanFields<'a> {
@@ -84,118 +141,75 @@ pub(crate) struct SpanFields<'a> {
 /// Room kept ahead of a batch for the `AgentMessage` field key and the batch's length.
 const HEADER_ROOM: usize = 1 + 5;
 
-/// Writes an `AgentMessage { batch }`: [`BatchWriter::span`] per span, then
-/// [`BatchWriter::finish`] with the rest of the batch.
-pub(crate) struct BatchWriter {
-    bytes: Vec<u8>,
-}
-
-impl BatchWriter {
-    /// Room for `spans` spans and `buckets` histogram buckets in all: growing the buffer later
-    /// copies every span written so far.
-    pub(crate) fn new(spans: usize, buckets: usize) -> Self {
-        let mut bytes = Vec::with_capacity(HEADER_ROOM + spans * 96 + buckets * 8 + 1024);
-        bytes.resize(HEADER_ROOM, 0);
-        Self { bytes }
+/// One span as a `Batch.spans` field (4), with its attributes (key id, value), appended to
+/// `buf`.
+///
+/// The fixed-size fields are put together in a stack buffer and appended with one copy:
+/// through prost's functions on the `Vec`, each byte was a capacity check and each field
+/// a call (~850 instructions a span, `instructions-per-request.sh`). Field order differs
+/// from the numbering (the error message and attributes last), which protobuf allows.
+pub(crate) fn write_span<'v>(
+    buf: &mut Vec<u8>,
+    span: &SpanFields<'_>,
+    attributes: impl Iterator<Item = (u32, &'v str)> + Clone,
+) {
+    // The fixed fields, and the HTTP status (most server and client spans have one), after
+    // room for the span's key and length.
+    let mut scratch = Scratch::<SCRATCH_BYTES>::at(SPAN_HEADER_ROOM);
+    scratch.bytes(1, &span.trace_id.to_be_bytes());
+    scratch.fixed64(2, span.span_id);
+    scratch.fixed64(3, span.parent_span_id);
+    scratch.varint(4, u64::from(span.operation));
+    scratch.varint(5, span.kind as u64);
+    scratch.varint(6, u64::from(span.component));
+    scratch.varint(7, u64::from(span.peer));
+    scratch.varint(8, u64::from(span.business_transaction));
+    scratch.fixed64(9, span.start_unix_nanos);
+    scratch.varint(10, span.duration_nanos);
+    scratch.varint(11, span.status as u64);
+    scratch.varint(12, u64::from(span.error_type));
+    scratch.varint(15, u64::from(span.caller_service));
+    scratch.varint(16, u64::from(span.caller_operation));
+    if span.http_status != 0 {
+        let mut digits = [0u8; 5];
+        let status = decimal(span.http_status, &mut digits);
+        scratch.key(14, WireType::LengthDelimited);
+        scratch.raw_varint((varint_len(1, u64::from(span.http_status_key)) + 2 + status.len()) as u64);
+        scratch.varint(1, u64::from(span.http_status_key));
+        scratch.key(2, WireType::LengthDelimited);
+        scratch.raw_varint(status.len() as u64);
+        scratch.buf[scratch.len..scratch.len + status.len()].copy_from_slice(status);
+        scratch.len += status.len();
     }
-
-    /// One span (`Batch.spans`, field 4) with its attributes (key id, value).
-    ///
-    /// The fixed-size fields are put together in a stack buffer and appended with one copy:
-    /// through prost's functions on the `Vec`, each byte was a capacity check and each field
-    /// a call (~850 instructions a span, `instructions-per-request.sh`). Field order differs
-    /// from the numbering (the error message and attributes last), which protobuf allows.
-    pub(crate) fn span<'v>(&mut self, span: &SpanFields<'_>, attributes: impl Iterator<Item = (u32, &'v str)> + Clone) {
-        // The fixed fields, and the HTTP status (most server and client spans have one), after
-        // room for the span's key and length.
-        let mut scratch = Scratch::at(SPAN_HEADER_ROOM);
-        scratch.bytes(1, &span.trace_id.to_be_bytes());
-        scratch.fixed64(2, span.span_id);
-        scratch.fixed64(3, span.parent_span_id);
-        scratch.varint(4, u64::from(span.operation));
-        scratch.varint(5, span.kind as u64);
-        scratch.varint(6, u64::from(span.component));
-        scratch.varint(7, u64::from(span.peer));
-        scratch.varint(8, u64::from(span.business_transaction));
-        scratch.fixed64(9, span.start_unix_nanos);
-        scratch.varint(10, span.duration_nanos);
-        scratch.varint(11, span.status as u64);
-        scratch.varint(12, u64::from(span.error_type));
-        scratch.varint(15, u64::from(span.caller_service));
-        scratch.varint(16, u64::from(span.caller_operation));
-        if span.http_status != 0 {
-            let mut digits = [0u8; 5];
-            let status = decimal(span.http_status, &mut digits);
-            scratch.key(14, WireType::LengthDelimited);
-            scratch.raw_varint((varint_len(1, u64::from(span.http_status_key)) + 2 + status.len()) as u64);
-            scratch.varint(1, u64::from(span.http_status_key));
-            scratch.key(2, WireType::LengthDelimited);
-            scratch.raw_varint(status.len() as u64);
-            scratch.buf[scratch.len..scratch.len + status.len()].copy_from_slice(status);
-            scratch.len += status.len();
-        }
-        let attributes_len: usize = attributes
-            .clone()
-            .map(|(key, value)| {
-                let len = attribute_len(key, value);
-                key_len(14) + encoded_len_varint(len as u64) + len
-            })
-            .sum();
-        let len = scratch.len - SPAN_HEADER_ROOM + string_len(13, span.error_message) + attributes_len;
-        let mut header = Scratch::default();
-        header.key(4, WireType::LengthDelimited);
-        header.raw_varint(len as u64);
-        let start = SPAN_HEADER_ROOM - header.len;
-        scratch.buf[start..SPAN_HEADER_ROOM].copy_from_slice(header.written());
-        let buf = &mut self.bytes;
-        buf.reserve(header.len + len);
-        buf.extend_from_slice(&scratch.buf[start..scratch.len]);
-        if !span.error_message.is_empty() {
-            bytes(13, span.error_message.as_bytes(), buf);
-        }
-        for (key, value) in attributes {
-            let mut attribute = Scratch::default();
-            attribute.key(14, WireType::LengthDelimited);
-            attribute.raw_varint(attribute_len(key, value) as u64);
-            attribute.varint(1, u64::from(key));
-            if !value.is_empty() {
-                attribute.key(2, WireType::LengthDelimited);
-                attribute.raw_varint(value.len() as u64);
-            }
-            buf.extend_from_slice(attribute.written());
-            buf.extend_from_slice(value.as_bytes());
-        }
+    let attributes_len: usize = attributes
+        .clone()
+        .map(|(key, value)| {
+            let len = attribute_len(key, value);
+            key_len(14) + encoded_len_varint(len as u64) + len
+        })
+        .sum();
+    let len = scratch.len - SPAN_HEADER_ROOM + string_len(13, span.error_message) + attributes_len;
+    let mut header = Scratch::<16>::default();
+    header.key(4, WireType::LengthDelimited);
+    header.raw_varint(len as u64);
+    let start = SPAN_HEADER_ROOM - header.len;
+    scratch.buf[start..SPAN_HEADER_ROOM].copy_from_slice(header.written());
+    buf.reserve(header.len + len);
+    buf.extend_from_slice(&scratch.buf[start..scratch.len]);
+    if !span.error_message.is_empty() {
+        bytes(13, span.error_message.as_bytes(), buf);
     }
-
-    /// The batch's id, the strings new on this stream, its resource and histograms; the
-    /// message, ready to send.
-    pub(crate) fn finish(
-        mut self,
-        batch_id: u64,
-        new_strings: &[String],
-        resource: &sightline_proto::v1::Resource,
-        histograms: &[sightline_proto::v1::LatencyHistogram],
-    ) -> Encoded {
-        let buf = &mut self.bytes;
-        varint(1, batch_id, buf);
-        for string in new_strings {
-            encoding::string::encode(2, string, buf);
+    for (key, value) in attributes {
+        let mut attribute = Scratch::<32>::default();
+        attribute.key(14, WireType::LengthDelimited);
+        attribute.raw_varint(attribute_len(key, value) as u64);
+        attribute.varint(1, u64::from(key));
+        if !value.is_empty() {
+            attribute.key(2, WireType::LengthDelimited);
+            attribute.raw_varint(value.len() as u64);
         }
-        encoding::message::encode(3, resource, buf);
-        for histogram in histograms {
-            encoding::message::encode(5, histogram, buf);
-        }
-        // AgentMessage.batch (field 1) and the batch's length, just ahead of the batch.
-        let batch_len = (self.bytes.len() - HEADER_ROOM) as u64;
-        let mut header = Vec::with_capacity(HEADER_ROOM);
-        encode_key(1, WireType::LengthDelimited, &mut header);
-        encode_varint(batch_len, &mut header);
-        let start = HEADER_ROOM - header.len();
-        self.bytes[start..HEADER_ROOM].copy_from_slice(&header);
-        Encoded {
-            bytes: self.bytes,
-            start,
-        }
+        buf.extend_from_slice(attribute.written());
+        buf.extend_from_slice(value.as_bytes());
     }
 }
 
@@ -217,29 +231,27 @@ fn decimal(mut value: u16, digits: &mut [u8; 5]) -> &[u8] {
 const SPAN_HEADER_ROOM: usize = 8;
 
 /// The room, its fixed-size fields (14 at most: keys of 1-2 bytes, varints of up to 10, the
-/// 16-byte trace id; 122 bytes at most) and the HTTP status attribute (15 at most).
+/// 16-byte trace id; 122 bytes at most), the HTTP status attribute (15 at most) and the slack a
+/// varint's whole-width store needs past the end (9).
 const SCRATCH_BYTES: usize = 160;
 
-/// Protobuf written into a stack buffer, to be appended in one copy.
-struct Scratch {
-    buf: [u8; SCRATCH_BYTES],
+/// Protobuf written into a stack buffer of `N` bytes, to be appended in one copy.
+struct Scratch<const N: usize = SCRATCH_BYTES> {
+    buf: [u8; N],
     len: usize,
 }
 
-impl Default for Scratch {
+impl<const N: usize> Default for Scratch<N> {
     fn default() -> Self {
-        Self {
-            buf: [0; SCRATCH_BYTES],
-            len: 0,
-        }
+        Self { buf: [0; N], len: 0 }
     }
 }
 
-impl Scratch {
+impl<const N: usize> Scratch<N> {
     /// Empty, writing from `offset` on.
     fn at(offset: usize) -> Self {
         Self {
-            buf: [0; SCRATCH_BYTES],
+            buf: [0; N],
             len: offset,
         }
     }
@@ -248,15 +260,26 @@ impl Scratch {
         &self.buf[..self.len]
     }
 
+    /// Most varints here are one byte (keys, ids); a longer one is made in a register-sized
+    /// array and stored whole (its bytes past the varint are overwritten by what follows).
     #[inline(always)]
     fn raw_varint(&mut self, mut value: u64) {
+        let at = self.len;
+        if value < 0x80 {
+            self.buf[at] = value as u8;
+            self.len = at + 1;
+            return;
+        }
+        let mut bytes = [0u8; 10];
+        let mut len = 0;
         while value >= 0x80 {
-            self.buf[self.len] = value as u8 | 0x80;
-            self.len += 1;
+            bytes[len] = value as u8 | 0x80;
+            len += 1;
             value >>= 7;
         }
-        self.buf[self.len] = value as u8;
-        self.len += 1;
+        bytes[len] = value as u8;
+        self.buf[at..at + 10].copy_from_slice(&bytes);
+        self.len = at + len + 1;
     }
 
     #[inline(always)]
@@ -395,10 +418,13 @@ mod tests {
             },
         ];
         let attributes: [&[(u32, &str)]; 3] = [&[(13, "GET")], &[(11, ""), (12, "SELECT 1")], &[(u32::MAX, "x")]];
-        let mut writer = BatchWriter::new(spans.len(), 2);
+        let mut written = Vec::new();
+        let mut ends = Vec::new();
         for (span, attributes) in spans.iter().zip(attributes) {
-            writer.span(span, attributes.iter().copied());
+            write_span(&mut written, span, attributes.iter().copied());
+            ends.push(written.len());
         }
+        assert_eq!(span_ends(&written).collect::<Vec<_>>(), ends, "spans found again");
         let resource = Resource {
             service: 1,
             service_version: 2,
@@ -412,7 +438,13 @@ mod tests {
             ..Default::default()
         };
         let strings = vec!["GET /a".to_string(), "Login".to_string()];
-        let encoded = writer.finish(u64::MAX - 1, &strings, &resource, std::slice::from_ref(&histogram));
+        let encoded = batch_message(
+            u64::MAX - 1,
+            Bytes::from(written),
+            &strings,
+            &resource,
+            std::slice::from_ref(&histogram),
+        );
 
         let decoded = AgentMessage::decode(encoded.encode_to_vec().as_slice()).unwrap();
         let Some(agent_message::Body::Batch(batch)) = decoded.body else {
