@@ -59,6 +59,10 @@ fn recent_slot((address, len): (usize, usize)) -> usize {
 
 impl Dictionary {
     pub(crate) fn id_static(&mut self, s: &'static str) -> u32 {
+        // A server span has no component or peer.
+        if s.is_empty() {
+            return 0;
+        }
         let key = (s.as_ptr() as usize, s.len());
         // A few names make most spans: a direct-mapped slot by address answers before the map.
         let slot = &mut self.recent[recent_slot(key)];
@@ -123,6 +127,9 @@ impl Dictionary {
 
     /// The id [`Dictionary::id_name`] gave `name` (0 if it gave none).
     pub(crate) fn known(&self, name: &Name) -> u32 {
+        if name.is_empty() {
+            return 0;
+        }
         let found = match name {
             Name::Borrowed(s) => self.statics.get(&(s.as_ptr() as usize, s.len())).copied(),
             Name::Owned(s) => self.index.get(s.as_str()).copied(),
