@@ -136,6 +136,38 @@ async fn layers_give_one_trace_across_two_services() {
     })
     .await;
     assert_eq!(failed.len(), 1);
+
+    // Requests to a route already named (found again by its template, not named anew) keep
+    // their operation and BT.
+    for chat in [8, 9, 10] {
+        let response = plain
+            .get(format!("http://{gateway_addr}/send/{chat}").parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let _ = response.into_body().collect().await;
+    }
+    let again = eventually("four SendMessage traces", Duration::from_secs(20), || async {
+        let r = get(&format!("{api}/api/v1/traces?bt=SendMessage")).await.json();
+        let hits = r["traces"].as_array().unwrap().clone();
+        (hits.len() == 4).then_some(hits)
+    })
+    .await;
+    for hit in &again {
+        let trace = trace_with(&api, hit["trace_id"].as_str().unwrap(), 4).await;
+        let spans = trace["spans"].as_array().unwrap();
+        let operations: Vec<(&str, &str)> = spans
+            .iter()
+            .filter(|s| s["kind"] == "server")
+            .map(|s| (s["operation"].as_str().unwrap(), s["bt"].as_str().unwrap()))
+            .collect();
+        assert_eq!(operations.len(), 2, "{trace:#}");
+        assert!(operations.contains(&("GET /send/{chat}", "SendMessage")), "{trace:#}");
+        assert!(
+            operations.contains(&("POST /chats/{id}/messages", "SendMessage")),
+            "{trace:#}"
+        );
+    }
     drop(agent);
     collector.shutdown().await.unwrap();
 }

@@ -64,10 +64,13 @@ impl Dictionary {
             return 0;
         }
         let key = (s.as_ptr() as usize, s.len());
-        // A few names make most spans: a direct-mapped slot by address answers before the map.
-        let slot = &mut self.recent[recent_slot(key)];
-        if slot.0 == key {
-            return slot.1;
+        // A few names make most spans: two slots by address answer before the map (two, so
+        // that hot names sharing a slot do not take turns missing).
+        let slot = recent_slot(key);
+        for at in [slot, slot ^ 1] {
+            if self.recent[at].0 == key {
+                return self.recent[at].1;
+            }
         }
         let i = match self.statics.get(&key) {
             Some(&i) => i,
@@ -77,7 +80,8 @@ impl Dictionary {
                 i
             }
         };
-        self.recent[recent_slot(key)] = (key, i);
+        // The newest in the first slot, the one it displaces in the second.
+        self.recent[slot ^ 1] = std::mem::replace(&mut self.recent[slot], (key, i));
         i
     }
 

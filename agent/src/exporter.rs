@@ -226,10 +226,15 @@ impl RedTable {
     fn record(&mut self, key: KeyParts<'_>, micros: u64) {
         let identity = StaticIdentity::of(key);
         if let Some(identity) = identity {
-            if let Some(Some((seen, index))) = self.recent.get(identity.slot()) {
-                if *seen == identity {
-                    self.entries[*index as usize].1.record(micros, key.error);
-                    return;
+            // Two slots a key: two hot keys that share a slot (one build's addresses did, and
+            // every span missed) both stay.
+            let slot = identity.slot();
+            for at in [slot, slot ^ 1] {
+                if let Some(Some((seen, index))) = self.recent.get(at) {
+                    if *seen == identity {
+                        self.entries[*index as usize].1.record(micros, key.error);
+                        return;
+                    }
                 }
             }
         }
@@ -239,7 +244,9 @@ impl RedTable {
             if self.recent.is_empty() {
                 self.recent.resize(RECENT_RED_SLOTS, None);
             }
-            self.recent[identity.slot()] = Some((identity, index));
+            // The newest in the first slot, the one it displaces in the second.
+            let slot = identity.slot();
+            self.recent[slot ^ 1] = self.recent[slot].replace((identity, index));
         }
     }
 
@@ -516,12 +523,15 @@ impl Exporter {
         let mut span_count = 0;
         // A trace's BT id, looked up once per hand-off (u32::MAX: not yet).
         let mut bt_ids: Vec<u32> = Vec::new();
+        // With no room for pending spans every sampled span is dropped: not encoded first.
+        let keep = self.config.max_pending_spans > 0 && self.config.max_pending_bytes > 0;
+        let mut dropped = 0;
         let (red, dictionary) = (&mut self.red, &mut self.dictionary);
         self.agent.drain(|records, batch: &mut span::Batch| {
             // Room for every record of the drain (sampled or not), made once; what is not used
             // is given back below.
             if written.capacity() == 0 {
-                written.reserve_exact(records * SPAN_BYTES_GUESS);
+                written.reserve_exact(if keep { records * SPAN_BYTES_GUESS } else { 0 });
             }
             bt_ids.clear();
             bt_ids.resize(batch.traces.len(), u32::MAX);
@@ -540,7 +550,9 @@ impl Exporter {
                     error,
                 };
                 red.record(key, duration_ns.div_ceil(1000));
-                if trace.sampled {
+                if trace.sampled && !keep {
+                    dropped += 1;
+                } else if trace.sampled {
                     let bt = &mut bt_ids[span.trace as usize];
                     if *bt == u32::MAX {
                         *bt = dictionary.id_shared(&trace.bt);
@@ -551,6 +563,7 @@ impl Exporter {
                 }
             }
         });
+        self.agent.dropped_spans.fetch_add(dropped, Ordering::Relaxed);
         if span_count == 0 {
             return;
         }
@@ -961,6 +974,22 @@ mod tests {
         assert_eq!(exporter.pending_bytes, bytes, "the byte count follows what is held");
         let kept: Vec<u64> = exporter.pending.iter().flat_map(|p| span_ids(&p.spans)).collect();
         assert_eq!(kept, (401..=500).collect::<Vec<_>>(), "the newest, whole");
+    }
+
+    #[test]
+    fn with_no_room_every_sampled_span_is_dropped_and_counted_and_red_kept() {
+        let agent = handed_off(300, 10);
+        let config = Config {
+            max_pending_spans: 0,
+            ..Config::default()
+        };
+        let mut exporter = Exporter::new(config, agent);
+        exporter.collect();
+        assert!(exporter.pending.is_empty());
+        assert_eq!((exporter.pending_spans, exporter.pending_bytes), (0, 0));
+        assert_eq!(agent.dropped_spans.load(Ordering::Relaxed), 300);
+        let calls: u64 = exporter.red.drain().iter().map(|(_, v)| v.calls).sum();
+        assert_eq!(calls, 300);
     }
 
     #[test]

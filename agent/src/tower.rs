@@ -28,17 +28,22 @@ use crate::{
 
 type NamingRule = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
-/// Each operation's BT by the layer's rule, worked out on the operation's first request (a
-/// rule is a function of the operation). Operations and BTs are interned ([`names`]).
-type BtByOperation = Arc<RwLock<FxHashMap<&'static str, Option<&'static str>>>>;
+/// What every service a [`ServerLayer`] made shares: the naming rule and each operation's BT
+/// by it, worked out on the operation's first request (a rule is a function of the operation).
+/// Operations and BTs are interned ([`names`]). One `Arc`: routers clone the service per
+/// request.
+#[derive(Default)]
+struct Naming {
+    rule: Option<NamingRule>,
+    bts: RwLock<FxHashMap<&'static str, Option<&'static str>>>,
+}
 
 /// Starts a business transaction per request: context from `traceparent`/`baggage`, the
 /// operation from the route template (axum, with the `axum` feature) or the gRPC method, never
 /// the raw URL. Responses with status 5xx, or a gRPC error status, mark it failed.
 #[derive(Clone, Default)]
 pub struct ServerLayer {
-    naming: Option<NamingRule>,
-    bts: BtByOperation,
+    naming: Arc<Naming>,
 }
 
 impl ServerLayer {
@@ -51,8 +56,10 @@ impl ServerLayer {
     /// transaction (`Login`). Operations it does not name are their own BT. The rule runs once
     /// per operation and its answer is kept: it must depend on the operation alone.
     pub fn naming(mut self, rule: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
-        self.naming = Some(Arc::new(rule));
-        self.bts = BtByOperation::default();
+        self.naming = Arc::new(Naming {
+            rule: Some(Arc::new(rule)),
+            bts: RwLock::default(),
+        });
         self
     }
 }
@@ -64,7 +71,6 @@ impl<S> Layer<S> for ServerLayer {
         ServerService {
             inner,
             naming: self.naming.clone(),
-            bts: self.bts.clone(),
         }
     }
 }
@@ -73,8 +79,7 @@ impl<S> Layer<S> for ServerLayer {
 #[derive(Clone)]
 pub struct ServerService<S> {
     inner: S,
-    naming: Option<NamingRule>,
-    bts: BtByOperation,
+    naming: Arc<Naming>,
 }
 
 impl<S> ServerService<S> {
@@ -82,6 +87,7 @@ impl<S> ServerService<S> {
     /// operation's first request, so a request allocates no name.
     fn names(&self, operation: &str) -> (Name, Option<Name>) {
         let known = self
+            .naming
             .bts
             .read()
             .ok()
@@ -89,14 +95,14 @@ impl<S> ServerService<S> {
         if let Some((kept, bt)) = known {
             return (Name::Borrowed(kept), bt.map(Name::Borrowed));
         }
-        let bt = self.naming.as_ref().and_then(|rule| rule(operation));
+        let bt = self.naming.rule.as_ref().and_then(|rule| rule(operation));
         let interned = names::intern(operation).zip(match &bt {
             Some(bt) => names::intern(bt).map(Some),
             None => Some(None),
         });
         match interned {
             Some((kept, kept_bt)) => {
-                if let Ok(mut bts) = self.bts.write() {
+                if let Ok(mut bts) = self.naming.bts.write() {
                     bts.insert(kept, kept_bt);
                 }
                 (Name::Borrowed(kept), kept_bt.map(Name::Borrowed))
@@ -105,6 +111,69 @@ impl<S> ServerService<S> {
             None => (Name::Owned(operation.to_owned()), bt.map(Name::Owned)),
         }
     }
+
+    /// The names of a request to a route this thread named recently: found by the route
+    /// template's address (axum keeps one `Arc<str>` a route), checked by text, without
+    /// building the operation or taking the lock (~230 instructions a request otherwise).
+    #[cfg(feature = "axum")]
+    fn recent_names<B>(&self, request: &Request<B>) -> Option<(&'static str, Option<&'static str>)> {
+        let route = request.extensions().get::<axum::extract::MatchedPath>()?.as_str();
+        let slot = recent_slot(&self.naming, route);
+        let method = request.method().as_str();
+        RECENT_NAMES.with_borrow(|recent| {
+            let known = recent[slot].as_ref()?;
+            let found = Arc::ptr_eq(&known.naming, &self.naming)
+                && known.route == route.as_ptr() as usize
+                && known.operation.len() == method.len() + 1 + route.len()
+                && known.operation.starts_with(method)
+                && known.operation.ends_with(route);
+            found.then_some((known.operation, known.bt))
+        })
+    }
+
+    /// Keeps the interned names of a request to an axum route for [`Self::recent_names`].
+    #[cfg(feature = "axum")]
+    fn remember<B>(&self, request: &Request<B>, operation: &Name, bt: &Option<Name>) {
+        let Some(route) = request.extensions().get::<axum::extract::MatchedPath>() else {
+            return;
+        };
+        let (Name::Borrowed(operation), None | Some(Name::Borrowed(_))) = (operation, bt) else {
+            return; // owned names: past the interning bounds, not kept
+        };
+        let route = route.as_str();
+        let known = RecentName {
+            naming: self.naming.clone(),
+            route: route.as_ptr() as usize,
+            operation,
+            bt: match bt {
+                Some(Name::Borrowed(bt)) => Some(bt),
+                _ => None,
+            },
+        };
+        RECENT_NAMES.with_borrow_mut(|recent| recent[recent_slot(&self.naming, route)] = Some(known));
+    }
+}
+
+/// A route's interned names, as [`RECENT_NAMES`] keeps them.
+#[cfg(feature = "axum")]
+struct RecentName {
+    /// The layer's rule (another layer may name the same route otherwise), held so that its
+    /// address is not another's while kept here.
+    naming: Arc<Naming>,
+    /// The route template's address.
+    route: usize,
+    operation: &'static str,
+    bt: Option<&'static str>,
+}
+
+/// Slots of [`RECENT_NAMES`].
+#[cfg(feature = "axum")]
+const RECENT_NAME_SLOTS: usize = 32;
+
+#[cfg(feature = "axum")]
+fn recent_slot(naming: &Arc<Naming>, route: &str) -> usize {
+    let mixed = (route.as_ptr() as usize ^ (Arc::as_ptr(naming) as usize).rotate_left(29)) as u64;
+    (mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as usize
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ServerService<S>
@@ -122,12 +191,27 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let remote = propagation::extract(|name| header(request.headers(), name));
-        let (operation, bt, grpc) = OPERATION.with_borrow_mut(|operation| {
-            operation.clear();
-            let grpc = server_operation(&request, operation);
-            let (operation, bt) = self.names(operation);
-            (operation, bt, grpc)
-        });
+        #[cfg(feature = "axum")]
+        let recent = self.recent_names(&request);
+        #[cfg(not(feature = "axum"))]
+        let recent: Option<(&'static str, Option<&'static str>)> = None;
+        let (operation, bt, grpc) = match recent {
+            // A route template is never a gRPC call's.
+            Some((operation, bt)) => (Name::Borrowed(operation), bt.map(Name::Borrowed), false),
+            None => {
+                let (operation, bt, grpc) = OPERATION.with_borrow_mut(|operation| {
+                    operation.clear();
+                    let grpc = server_operation(&request, operation);
+                    let (operation, bt) = self.names(operation);
+                    (operation, bt, grpc)
+                });
+                #[cfg(feature = "axum")]
+                if !grpc {
+                    self.remember(&request, &operation, &bt);
+                }
+                (operation, bt, grpc)
+            }
+        };
         let mut builder = SpanBuilder::new(operation, Kind::Server, None).child_of(remote);
         if let Some(bt) = bt {
             builder = builder.business_transaction(bt);
@@ -315,6 +399,10 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
 thread_local! {
     /// Where a request's operation name is put together: no allocation per request.
     static OPERATION: RefCell<String> = const { RefCell::new(String::new()) };
+    /// Routes this thread named lately, direct-mapped by [`recent_slot`].
+    #[cfg(feature = "axum")]
+    static RECENT_NAMES: RefCell<[Option<RecentName>; RECENT_NAME_SLOTS]> =
+        const { RefCell::new([const { None }; RECENT_NAME_SLOTS]) };
 }
 
 // Header names made once: a name given as a string is parsed at every lookup.
@@ -325,13 +413,25 @@ static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// A propagation header by its name.
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let value = match name {
-        propagation::TRACEPARENT => headers.get(&TRACEPARENT),
-        propagation::BAGGAGE => headers.get(&BAGGAGE),
-        _ => headers.get(name),
+    let known = match name {
+        propagation::TRACEPARENT => Some(&TRACEPARENT),
+        propagation::BAGGAGE => Some(&BAGGAGE),
+        _ => None,
+    };
+    let value = match known {
+        // A request's few headers are compared faster than a name outside HTTP's table is
+        // hashed for the map (~200 instructions a lookup, most requests having neither).
+        Some(known) if headers.len() <= SCANNED_HEADERS => {
+            headers.iter().find(|(name, _)| *name == known).map(|(_, value)| value)
+        }
+        Some(known) => headers.get(known),
+        None => headers.get(name),
     };
     value.and_then(|v| v.to_str().ok())
 }
+
+/// Up to this many header values, propagation headers are found by comparing names.
+const SCANNED_HEADERS: usize = 8;
 
 /// A bounded operation name, into `out`: the gRPC method, the route template, or the method
 /// alone. True for a gRPC call.
