@@ -44,6 +44,11 @@ use crate::{
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 /// RED histograms per 10-second window: short load tests compare in 10-second blocks.
 const RED_WINDOW_SECS: u64 = 10;
+/// RED goes with the first flush this long after the last that carried it: encoding every
+/// key's histogram at every 100-ms flush cost the exporter more than its spans' encoding at
+/// 2,000 requests/s (`instructions-per-request.sh`), and a second is far inside what the
+/// collector's 10-second aggregates resolve.
+const RED_SEND_INTERVAL: Duration = Duration::from_secs(1);
 /// The native stream's method.
 const STREAM_PATH: &str = "/sightline.v1.Agent/Stream";
 /// The attribute a span's HTTP status is exported as.
@@ -297,6 +302,8 @@ pub(crate) struct Exporter {
     pending_spans: usize,
     pending_bytes: usize,
     red: RedTable,
+    /// When RED next goes with a flush.
+    red_due: std::time::Instant,
     dictionary: Dictionary,
     next_batch_id: u64,
     sent_spans: u64,
@@ -312,6 +319,7 @@ impl Exporter {
             pending_spans: 0,
             pending_bytes: 0,
             red: RedTable::default(),
+            red_due: std::time::Instant::now(),
             dictionary: Dictionary::default(),
             next_batch_id,
             sent_spans: 0,
@@ -390,7 +398,7 @@ impl Exporter {
 
     async fn export_otlp(&mut self, client: &mut Option<otlp::OtlpClient>) -> Result<(), String> {
         self.red.clear();
-        self.cut_batches();
+        self.cut_batches(false);
         while let Some(batch) = self.pending.front() {
             if batch.span_count > 0 {
                 if client.is_none() {
@@ -459,7 +467,8 @@ impl Exporter {
                 _ = flush.tick() => {
                     self.collect();
                     if tokio::time::Instant::now() >= paused_until {
-                        for i in self.cut_batches() {
+                        let with_red = std::time::Instant::now() >= self.red_due;
+                        for i in self.cut_batches(with_red) {
                             let message = self.batch_message(i);
                             tx.send(message).await.map_err(|_| "stream closed")?;
                         }
@@ -492,7 +501,7 @@ impl Exporter {
                 },
                 _ = &mut *stop => {
                     self.collect();
-                    for i in self.cut_batches() {
+                    for i in self.cut_batches(true) {
                         let message = self.batch_message(i);
                         let _ = tx.send(message).await;
                     }
@@ -610,10 +619,10 @@ impl Exporter {
         }
     }
 
-    /// Cuts the not-yet-sent pending spans (batch id 0) and the RED so far into batches of at
-    /// most [`MAX_BATCH_SPANS`] spans (well under the collector's message limit); returns where
-    /// they are in `pending` (at its end).
-    fn cut_batches(&mut self) -> std::ops::Range<usize> {
+    /// Cuts the not-yet-sent pending spans (batch id 0), and `with_red` the RED so far, into
+    /// batches of at most [`MAX_BATCH_SPANS`] spans (well under the collector's message limit);
+    /// returns where they are in `pending` (at its end).
+    fn cut_batches(&mut self, with_red: bool) -> std::ops::Range<usize> {
         let mut unsent = Vec::new();
         while self.pending.back().is_some_and(|p| p.batch_id == 0) {
             unsent.push(self.pending.pop_back().expect("checked"));
@@ -635,6 +644,10 @@ impl Exporter {
                 }
             }
         }
+        if !with_red {
+            return first..self.pending.len();
+        }
+        self.red_due = std::time::Instant::now() + RED_SEND_INTERVAL;
         let histograms = self.red.drain();
         if !histograms.is_empty() {
             if self.pending.len() == first {
@@ -997,7 +1010,7 @@ mod tests {
         let agent = handed_off(20_000, 10);
         let mut exporter = Exporter::new(Config::default(), agent);
         exporter.collect();
-        let cut = exporter.cut_batches();
+        let cut = exporter.cut_batches(true);
         assert_eq!(cut, 0..3);
         let counts: Vec<usize> = exporter.pending.iter().map(|p| p.span_count).collect();
         assert_eq!(counts, [MAX_BATCH_SPANS, MAX_BATCH_SPANS, 20_000 - 2 * MAX_BATCH_SPANS]);
