@@ -917,6 +917,7 @@ mod tests {
             entry_span_id: 1,
             start_unix_ns: 0,
             current_call: Mutex::new(None),
+            inflight_slot: Default::default(),
         });
         let mut batch = Handoff::default();
         batch.traces.push(trace);

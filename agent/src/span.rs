@@ -106,6 +106,9 @@ pub(crate) struct TraceCtx {
     /// The call out the transaction is inside now. Taken by client spans (which wrap I/O) and,
     /// once per snapshot interval, by the exporter to copy it.
     pub current_call: Mutex<Option<Call>>,
+    /// Where [`inflight`] keeps it while open (written by `register`, read by `unregister`,
+    /// both on the transaction's own path).
+    pub inflight_slot: std::sync::atomic::AtomicU32,
 }
 
 impl TraceCtx {
@@ -178,7 +181,7 @@ impl Record {
     #[inline]
     fn end(&mut self, trace: &TraceCtx, end_raw: u64) {
         self.end_raw = end_raw;
-        AtEnd::of(self.kind, self.entry).run(self.span_id, trace);
+        AtEnd::of(self.kind, self.entry).run(trace);
     }
 }
 
@@ -205,10 +208,10 @@ impl AtEnd {
     }
 
     #[inline(always)]
-    fn run(self, span_id: u64, trace: &TraceCtx) {
+    fn run(self, trace: &TraceCtx) {
         match self {
             AtEnd::Nothing => {}
-            AtEnd::Unregister => inflight::unregister(span_id),
+            AtEnd::Unregister => inflight::unregister(trace),
             AtEnd::ClearCall => trace.note_call(None),
         }
     }
@@ -375,7 +378,7 @@ impl Local {
             if let Some(record) = self.batch.records.get_mut(frame.record as usize) {
                 record.end_raw = end_raw;
             }
-            frame.at_end.run(span_id, &frame.trace.ctx);
+            frame.at_end.run(&frame.trace.ctx);
             if i == top {
                 // Dropped in place: `pop` reads the whole frame out, and its 8-byte load over
                 // the narrower stores of a span entered just now stalls.
@@ -778,6 +781,7 @@ impl SpanBuilder {
             entry_span_id: span_id,
             start_unix_ns: clock::unix_ns(start_raw),
             current_call: Mutex::new(None),
+            inflight_slot: Default::default(),
         });
         inflight::register(trace.clone());
         let record = Record {
