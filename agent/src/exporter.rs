@@ -840,7 +840,7 @@ fn kind(kind: Kind) -> SpanKind {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use prost::Message;
 
@@ -916,7 +916,7 @@ mod tests {
             entry_operation: SharedName::Static("POST /import"),
             entry_span_id: 1,
             start_unix_ns: 0,
-            current_call: Mutex::new(None),
+            current_call: Default::default(),
             inflight_slot: Default::default(),
         });
         let mut batch = Handoff::default();

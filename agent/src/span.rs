@@ -16,7 +16,7 @@ use std::{
     cell::{Cell, RefCell},
     marker::PhantomData,
     rc::Rc,
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use crate::{
@@ -103,20 +103,12 @@ pub(crate) struct TraceCtx {
     pub entry_operation: SharedName,
     pub entry_span_id: u64,
     pub start_unix_ns: u64,
-    /// The call out the transaction is inside now. Taken by client spans (which wrap I/O) and,
-    /// once per snapshot interval, by the exporter to copy it.
-    pub current_call: Mutex<Option<Call>>,
+    /// The call out the transaction is inside now. Noted by client spans (which wrap I/O) and,
+    /// once per snapshot interval, read by the exporter.
+    pub current_call: inflight::CurrentCall,
     /// Where [`inflight`] keeps it while open (written by `register`, read by `unregister`,
     /// both on the transaction's own path).
     pub inflight_slot: std::sync::atomic::AtomicU32,
-}
-
-impl TraceCtx {
-    fn note_call(&self, call: Option<Call>) {
-        if let Ok(mut current) = self.current_call.lock() {
-            *current = call;
-        }
-    }
 }
 
 /// A span as propagation and the `tracing` layer see it: its id and its trace.
@@ -212,7 +204,7 @@ impl AtEnd {
         match self {
             AtEnd::Nothing => {}
             AtEnd::Unregister => inflight::unregister(trace),
-            AtEnd::ClearCall => trace.note_call(None),
+            AtEnd::ClearCall => trace.current_call.leave(),
         }
     }
 }
@@ -697,7 +689,7 @@ impl SpanBuilder {
             return None;
         }
         if self.kind == Kind::Client {
-            trace.note_call(Some((self.operation.clone(), self.peer.clone())));
+            trace.current_call.enter(&self.operation, &self.peer);
         }
         Some(Record {
             trace: 0,
@@ -780,7 +772,7 @@ impl SpanBuilder {
             entry_operation,
             entry_span_id: span_id,
             start_unix_ns: clock::unix_ns(start_raw),
-            current_call: Mutex::new(None),
+            current_call: Default::default(),
             inflight_slot: Default::default(),
         });
         inflight::register(trace.clone());
@@ -875,7 +867,7 @@ impl SpanBuilder {
             return EnteredSpan { data: None };
         }
         if kind == Kind::Client {
-            trace.ctx.note_call(Some((operation.clone(), peer.clone())));
+            trace.ctx.current_call.enter(&operation, &peer);
         }
         let span_id = local.next_id();
         let slot = local.slot_of_entry(&trace);
