@@ -148,10 +148,10 @@ impl Agent {
         }
     }
 
-    /// Every batch handed off so far, to `consume` (which empties it) with the number of records
-    /// all of them hold (so that room for them is made once: a vector grown as they came
-    /// copied them again and again, ~170 exporter instructions a span); the emptied buffers go
-    /// back to their threads. Rings of threads that ended are dropped once drained.
+    /// Every batch handed off so far, to `consume` with the number of records all of them hold
+    /// (so that room for them is made once: a vector grown as they came copied them again and
+    /// again, ~170 exporter instructions a span); the batches are emptied after and go back to
+    /// their threads. Rings of threads that ended are dropped once drained.
     pub(crate) fn drain(&self, mut consume: impl FnMut(usize, &mut Batch)) {
         let Ok(mut rings) = self.rings.lock() else { return };
         let mut taken: Vec<(usize, Batch)> = Vec::new();

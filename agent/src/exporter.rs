@@ -545,7 +545,9 @@ impl Exporter {
             bt_ids.clear();
             bt_ids.resize(batch.traces.len(), u32::MAX);
             // Holes (span id 0) are spans that were still open and moved to a later batch.
-            for span in batch.records.drain(..).filter(|r| r.span_id != 0) {
+            // Read in place (moving each 128-byte record out cost more than reading it); the
+            // drain clears the buffer after.
+            for span in batch.records.iter().filter(|r| r.span_id != 0) {
                 let trace = &batch.traces[span.trace as usize];
                 let start_unix_ns = clock::unix_ns(span.start_raw);
                 let duration_ns = clock::delta_ns(span.start_raw, span.end_raw);
@@ -555,7 +557,7 @@ impl Exporter {
                     bt: &trace.bt,
                     operation: &span.operation,
                     kind: span.kind,
-                    stage: stage(&span),
+                    stage: stage(span),
                     error,
                 };
                 red.record(key, duration_ns.div_ceil(1000));
@@ -567,7 +569,7 @@ impl Exporter {
                         *bt = dictionary.id_shared(&trace.bt);
                     }
                     let times = (start_unix_ns, duration_ns);
-                    write_span(&mut written, dictionary, &span, trace.trace_id, *bt, times);
+                    write_span(&mut written, dictionary, span, trace.trace_id, *bt, times);
                     span_count += 1;
                 }
             }
