@@ -78,12 +78,15 @@ async fn layers_give_one_trace_across_two_services() {
     let gateway_addr = serve(gateway).await;
 
     let plain = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let response = plain
-        .get(format!("http://{gateway_addr}/send/7").parse().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let _ = response.into_body().collect().await;
+    let send = |chat: u32| {
+        let request = plain.get(format!("http://{gateway_addr}/send/{chat}").parse().unwrap());
+        async move {
+            let response = request.await.unwrap();
+            assert_eq!(response.status(), 201);
+            let _ = response.into_body().collect().await;
+        }
+    };
+    send(7).await;
     let response = plain
         .get(format!("http://{gateway_addr}/broken").parse().unwrap())
         .await
@@ -140,12 +143,7 @@ async fn layers_give_one_trace_across_two_services() {
     // Requests to a route already named (found again by its template, not named anew) keep
     // their operation and BT.
     for chat in [8, 9, 10] {
-        let response = plain
-            .get(format!("http://{gateway_addr}/send/{chat}").parse().unwrap())
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        let _ = response.into_body().collect().await;
+        send(chat).await;
     }
     let again = eventually("four SendMessage traces", Duration::from_secs(20), || async {
         let r = get(&format!("{api}/api/v1/traces?bt=SendMessage")).await.json();

@@ -12,16 +12,20 @@
 
 use rustc_hash::FxHashMap;
 
-use crate::span::{Name, SharedName};
+use crate::{
+    recent::Recent,
+    span::{Name, SharedName},
+};
 
 /// Distinct names kept; the collector refuses a stream past 1,000,000.
 pub(crate) const MAX_STRINGS: usize = 100_000;
 /// What a name past [`MAX_STRINGS`] is sent as.
 pub(crate) const OVERFLOW_NAME: &str = "(sightline: too many distinct names)";
 
-/// Slots of [`Dictionary::recent`].
+/// Static names found before the map.
 const RECENT_SLOTS: usize = 256;
 
+#[derive(Default)]
 pub(crate) struct Dictionary {
     /// Text to id; id `i` is `strings[i - 1]`, id 0 the empty string.
     index: FxHashMap<String, u32>,
@@ -29,32 +33,17 @@ pub(crate) struct Dictionary {
     /// Ids of static names by address and length: no hashing and comparing of their text (an
     /// address of a `&'static str` never holds other text).
     statics: FxHashMap<(usize, usize), u32>,
-    recent: [((usize, usize), u32); RECENT_SLOTS],
+    recent: Recent<(usize, usize), u32, RECENT_SLOTS>,
     /// How many of `strings` the current stream has been told.
     sent: usize,
     /// Names that became [`OVERFLOW_NAME`].
     overflowed: u64,
 }
 
-impl Default for Dictionary {
-    fn default() -> Self {
-        Self {
-            index: FxHashMap::default(),
-            strings: Vec::new(),
-            statics: FxHashMap::default(),
-            // Address 0 is no name's.
-            recent: [((0, 0), 0); RECENT_SLOTS],
-            sent: 0,
-            overflowed: 0,
-        }
-    }
-}
-
-/// A static name's slot in [`Dictionary::recent`]: its address mixed, so that names packed
-/// side by side do not share slots (the address's low bits alone gave collisions that moved
-/// with the build's layout: 230-400 exporter instructions a request for the same names).
-fn recent_slot((address, len): (usize, usize)) -> usize {
-    ((address ^ len.rotate_left(40)) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) as usize >> (usize::BITS - 8)
+/// A static name's hash for [`Dictionary::recent`]: its address and length mixed, so that
+/// names packed side by side do not share slots.
+fn recent_hash((address, len): (usize, usize)) -> u64 {
+    (address ^ len.rotate_left(40)) as u64
 }
 
 impl Dictionary {
@@ -64,13 +53,10 @@ impl Dictionary {
             return 0;
         }
         let key = (s.as_ptr() as usize, s.len());
-        // A few names make most spans: two slots by address answer before the map (two, so
-        // that hot names sharing a slot do not take turns missing).
-        let slot = recent_slot(key);
-        for at in [slot, slot ^ 1] {
-            if self.recent[at].0 == key {
-                return self.recent[at].1;
-            }
+        // A few names make most spans: found by address before the map.
+        let hash = recent_hash(key);
+        if let Some(i) = self.recent.get(hash, &key) {
+            return i;
         }
         let i = match self.statics.get(&key) {
             Some(&i) => i,
@@ -80,8 +66,7 @@ impl Dictionary {
                 i
             }
         };
-        // The newest in the first slot, the one it displaces in the second.
-        self.recent[slot ^ 1] = std::mem::replace(&mut self.recent[slot], (key, i));
+        self.recent.put(hash, key, i);
         i
     }
 

@@ -34,6 +34,7 @@ use crate::{
     config::{Config, Protocol},
     dictionary::Dictionary,
     inflight, otlp,
+    recent::Recent,
     span::{self, Kind, Name, Record, SharedName},
     wire::{self, Encoded, SpanFields},
 };
@@ -124,8 +125,8 @@ struct RedTable {
     entries: Vec<(RedKey, RedValue)>,
     /// Fingerprint to indices into `entries`.
     by_fingerprint: FxHashMap<u64, Vec<u32>>,
-    /// [`RECENT_RED_SLOTS`] slots once used.
-    recent: Vec<Option<(StaticIdentity, u32)>>,
+    /// Keys of static names, by their names' addresses.
+    recent: Recent<StaticIdentity, u32, RECENT_RED_SLOTS>,
 }
 
 const RECENT_RED_SLOTS: usize = 64;
@@ -216,42 +217,28 @@ impl StaticIdentity {
         })
     }
 
-    /// Which of [`RECENT_RED_SLOTS`] slots it takes.
-    fn slot(&self) -> usize {
-        let mixed = (self.bt.0 ^ self.operation.0.rotate_left(17) ^ self.stage.rotate_left(31)) as u64
+    /// Its parts mixed, for [`RedTable::recent`].
+    fn hash(&self) -> u64 {
+        (self.bt.0 ^ self.operation.0.rotate_left(17) ^ self.stage.rotate_left(31)) as u64
             ^ self.window
             ^ ((self.kind as u64) << 1)
-            ^ u64::from(self.error);
-        // The top 6 bits: 0..RECENT_RED_SLOTS.
-        (mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize
+            ^ u64::from(self.error)
     }
 }
 
 impl RedTable {
     fn record(&mut self, key: KeyParts<'_>, micros: u64) {
-        let identity = StaticIdentity::of(key);
-        if let Some(identity) = identity {
-            // Two slots a key: two hot keys that share a slot (one build's addresses did, and
-            // every span missed) both stay.
-            let slot = identity.slot();
-            for at in [slot, slot ^ 1] {
-                if let Some(Some((seen, index))) = self.recent.get(at) {
-                    if *seen == identity {
-                        self.entries[*index as usize].1.record(micros, key.error);
-                        return;
-                    }
-                }
+        let identity = StaticIdentity::of(key).map(|identity| (identity.hash(), identity));
+        if let Some((hash, identity)) = &identity {
+            if let Some(index) = self.recent.get(*hash, identity) {
+                self.entries[index as usize].1.record(micros, key.error);
+                return;
             }
         }
         let index = self.index_of(key);
         self.entries[index as usize].1.record(micros, key.error);
-        if let Some(identity) = identity {
-            if self.recent.is_empty() {
-                self.recent.resize(RECENT_RED_SLOTS, None);
-            }
-            // The newest in the first slot, the one it displaces in the second.
-            let slot = identity.slot();
-            self.recent[slot ^ 1] = self.recent[slot].replace((identity, index));
+        if let Some((hash, identity)) = identity {
+            self.recent.put(hash, identity, index);
         }
     }
 

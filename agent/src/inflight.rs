@@ -16,7 +16,10 @@ use std::{
 
 use rustc_hash::FxHashMap;
 
-use crate::span::{Call, Name, TraceCtx};
+use crate::{
+    recent::Recent,
+    span::{Call, Name, TraceCtx},
+};
 
 const SHARDS: usize = 16;
 
@@ -146,13 +149,9 @@ static CALLS: Mutex<CallTable> = Mutex::new(CallTable {
     pairs: Vec::new(),
 });
 
-/// Slots of [`CALL_IDS`].
-const CALL_ID_SLOTS: usize = 64;
-
 thread_local! {
-    /// Pairs this thread noted lately, direct-mapped: the table's lock only on a miss.
-    static CALL_IDS: RefCell<[(CallKey, u32); CALL_ID_SLOTS]> =
-        const { RefCell::new([((0, 0, 0, 0), 0); CALL_ID_SLOTS]) };
+    /// Pairs this thread noted lately: the table's lock only on a miss.
+    static CALL_IDS: RefCell<Recent<CallKey, u32, 64>> = const { RefCell::new(Recent::new()) };
 }
 
 fn static_call_id(operation: &'static str, peer: &'static str) -> Option<u32> {
@@ -162,9 +161,8 @@ fn static_call_id(operation: &'static str, peer: &'static str) -> Option<u32> {
         peer.as_ptr() as usize,
         peer.len(),
     );
-    let mixed = (key.0 ^ key.2.rotate_left(23) ^ key.1.rotate_left(47) ^ key.3) as u64;
-    let slot = (mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize;
-    let cached = CALL_IDS.with_borrow(|ids| (ids[slot].0 == key).then_some(ids[slot].1));
+    let hash = (key.0 ^ key.2.rotate_left(23) ^ key.1.rotate_left(47) ^ key.3) as u64;
+    let cached = CALL_IDS.with_borrow(|ids| ids.get(hash, &key));
     if cached.is_some() {
         return cached;
     }
@@ -181,7 +179,7 @@ fn static_call_id(operation: &'static str, peer: &'static str) -> Option<u32> {
             None => return None,
         }
     };
-    CALL_IDS.with_borrow_mut(|ids| ids[slot] = (key, id));
+    CALL_IDS.with_borrow_mut(|ids| ids.put(hash, key, id));
     Some(id)
 }
 

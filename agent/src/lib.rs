@@ -54,6 +54,7 @@ mod inflight;
 mod names;
 mod otlp;
 pub mod propagation;
+mod recent;
 #[cfg(feature = "reqwest")]
 pub mod reqwest;
 mod span;
