@@ -126,6 +126,36 @@ async fn call_chain_arrives_over_the_native_stream() {
         .iter()
         .all(|r| r["parent_span_id"] == import["span_id"] && r["bt"] == "Import"));
 
+    // Spans ended out of order: the transaction's guard goes first while its child is still
+    // open; the child keeps the trace (its BT, its place) and a span entered under it after
+    // that still joins the trace. The child's name is owned (built at run time).
+    let reordered_trace_id;
+    {
+        let order = sightline::transaction("Reorder").entered();
+        reordered_trace_id = order.trace_id().unwrap();
+        let step = sightline::span(format!("step {}", 1)).entered();
+        drop(order);
+        assert_eq!(step.business_transaction().as_deref(), Some("Reorder"));
+        {
+            let _inner = sightline::span("GET step").client("cache", "redis").entered();
+        }
+        drop(step);
+    }
+    let reordered: Value = trace_with(&api, &reordered_trace_id, 3).await;
+    let order = span_of(&reordered, "Reorder", "server");
+    let step = span_of(&reordered, "step 1", "internal");
+    let inner = span_of(&reordered, "GET step", "client");
+    assert_eq!(step["parent_span_id"], order["span_id"]);
+    assert_eq!(inner["parent_span_id"], step["span_id"]);
+    assert!(
+        reordered["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["bt"] == "Reorder"),
+        "{reordered:#}"
+    );
+
     // Heartbeats arrive; nothing was dropped.
     eventually("a heartbeat", Duration::from_secs(10), || async {
         let text = String::from_utf8(get(&format!("{api}/metrics")).await.body.to_vec()).unwrap();

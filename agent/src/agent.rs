@@ -66,7 +66,7 @@ impl ThreadRing {
     /// Hands a batch to the exporter; never waits. Call [`ThreadRing::has_room`] first: a
     /// batch that does not fit is dropped here and its spans counted.
     pub(crate) fn send(&mut self, batch: Batch, agent: &Agent) {
-        let records = batch.records.len() as u64;
+        let records = batch.records().len() as u64;
         match self.full.push(batch) {
             Ok(()) => self.sent_records += records,
             Err(rtrb::PushError::Full(batch)) => {
@@ -109,7 +109,7 @@ impl Agent {
 
     /// Counts the finished spans of a batch that will not reach the exporter.
     pub(crate) fn count_dropped(&self, batch: &Batch) {
-        let spans = batch.records.iter().filter(|r| r.span_id != 0).count();
+        let spans = batch.records().iter().filter(|r| r.span_id != 0).count();
         self.dropped_spans.fetch_add(spans as u64, Ordering::Relaxed);
     }
 
@@ -158,14 +158,14 @@ impl Agent {
         for (index, ring) in rings.iter_mut().enumerate() {
             while let Ok(batch) = ring.full.pop() {
                 ring.taken_records
-                    .fetch_add(batch.records.len() as u64, Ordering::Release);
+                    .fetch_add(batch.records().len() as u64, Ordering::Release);
                 taken.push((index, batch));
             }
         }
-        let records = taken.iter().map(|(_, batch)| batch.records.len()).sum();
+        let records = taken.iter().map(|(_, batch)| batch.records().len()).sum();
         for (index, mut batch) in taken {
             consume(records, &mut batch);
-            batch.records.clear();
+            batch.clear_records();
             // Contexts held by nothing else go back with the buffer, to be reused by the
             // thread (span.rs); no one can take another reference to them meanwhile.
             batch

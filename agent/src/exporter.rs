@@ -534,7 +534,7 @@ impl Exporter {
             // Holes (span id 0) are spans that were still open and moved to a later batch.
             // Read in place (moving each 128-byte record out cost more than reading it); the
             // drain clears the buffer after.
-            for span in batch.records.iter().filter(|r| r.span_id != 0) {
+            for span in batch.records().iter().filter(|r| r.span_id != 0) {
                 let trace = &batch.traces[span.trace as usize];
                 let start_unix_ns = clock::unix_ns(span.start_raw);
                 let duration_ns = clock::delta_ns(span.start_raw, span.end_raw);
@@ -911,7 +911,7 @@ mod tests {
         let mut batch = Handoff::default();
         batch.traces.push(trace);
         for span_id in 1..=spans {
-            batch.records.push(Record {
+            batch.push(Record {
                 trace: 0,
                 kind: Kind::Client,
                 entry: false,

@@ -92,17 +92,33 @@ pub(crate) struct CurrentCall {
 const OWNED_CALL: u32 = u32::MAX;
 
 impl CurrentCall {
+    /// Notes the call (operation, peer) as the current one. Inline, reading the names' parts
+    /// only: a reference to a name passed to a call out of line put it in memory, and the
+    /// record's copy of it then waited on those stores (a store-forwarding stall, `perf
+    /// annotate`).
+    #[inline(always)]
     pub(crate) fn enter(&self, operation: &Name, peer: &Name) {
-        if let (Name::Borrowed(operation), Name::Borrowed(peer)) = (operation, peer) {
-            if let Some(id) = static_call_id(operation, peer) {
+        match (operation, peer) {
+            (Name::Borrowed(operation), Name::Borrowed(peer)) => self.enter_static(operation, peer),
+            _ => self.enter_owned(operation.as_ref(), peer.as_ref()),
+        }
+    }
+
+    fn enter_static(&self, operation: &'static str, peer: &'static str) {
+        match static_call_id(operation, peer) {
+            Some(id) => {
                 if self.id.swap(id, Ordering::AcqRel) == OWNED_CALL {
                     self.clear_owned();
                 }
-                return;
             }
+            None => self.enter_owned(operation, peer),
         }
+    }
+
+    #[cold]
+    fn enter_owned(&self, operation: &str, peer: &str) {
         if let Ok(mut owned) = self.owned.lock() {
-            *owned = Some((operation.clone(), peer.clone()));
+            *owned = Some((Name::Owned(operation.into()), Name::Owned(peer.into())));
         }
         self.id.store(OWNED_CALL, Ordering::Release);
     }

@@ -15,6 +15,7 @@ use std::{
     borrow::Cow,
     cell::{Cell, RefCell},
     marker::PhantomData,
+    ptr::NonNull,
     rc::Rc,
     sync::Arc,
 };
@@ -169,6 +170,15 @@ impl Record {
         detail.error = Some((error_type.into(), message.to_string()));
     }
 
+    /// Whether dropping it frees memory.
+    #[inline]
+    fn owns_heap(&self) -> bool {
+        matches!(self.operation, Cow::Owned(_))
+            || matches!(self.component, Cow::Owned(_))
+            || matches!(self.peer, Cow::Owned(_))
+            || self.detail.is_some()
+    }
+
     /// Bookkeeping at the end of a span.
     #[inline]
     fn end(&mut self, trace: &TraceCtx, end_raw: u64) {
@@ -223,7 +233,60 @@ pub(crate) struct Detail {
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     pub traces: Vec<Arc<TraceCtx>>,
-    pub records: Vec<Record>,
+    records: Vec<Record>,
+    /// Whether a record may hold heap memory (an owned name, details): only then are records
+    /// dropped one by one when the batch is emptied. Nearly all spans have static names and no
+    /// details, and dropping each of their records (a check of four fields) was a tenth of a
+    /// span's work on the application thread and work again on the exporter's.
+    heap: bool,
+}
+
+impl Batch {
+    /// An empty batch with room for `records` without growing.
+    pub(crate) fn with_capacity(traces: usize, records: usize) -> Self {
+        Self {
+            traces: Vec::with_capacity(traces),
+            records: Vec::with_capacity(records),
+            heap: false,
+        }
+    }
+
+    pub(crate) fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    pub(crate) fn push(&mut self, record: Record) {
+        self.heap |= record.owns_heap();
+        self.records.push(record);
+    }
+
+    /// The record at `index`, to change; from then on records are dropped one by one.
+    fn record_mut(&mut self, index: u32) -> Option<&mut Record> {
+        self.heap = true;
+        self.records.get_mut(index as usize)
+    }
+
+    /// Keeps the first `len` records.
+    fn truncate(&mut self, len: usize) {
+        debug_assert!(
+            self.heap || self.records.iter().all(|r| !r.owns_heap()),
+            "a record owning memory in a batch not marked"
+        );
+        if self.heap {
+            self.records.truncate(len);
+        } else if len < self.records.len() {
+            // SAFETY: the records past `len` own no heap memory (`heap` is set by every write
+            // that can give a record some), so forgetting them leaks nothing; `len` is within
+            // the initialized length.
+            unsafe { self.records.set_len(len) };
+        }
+    }
+
+    /// Empties the records, keeping the buffer.
+    pub(crate) fn clear_records(&mut self) {
+        self.truncate(0);
+        self.heap = false;
+    }
 }
 
 /// A trace as this thread's stack holds it, with where it sits in the current batch.
@@ -255,7 +318,21 @@ struct Frame {
     /// Its record's index in the current buffer; [`NO_RECORD`] when the span's data lives
     /// elsewhere (a [`Span`] made current for a while).
     record: u32,
-    trace: Rc<TraceEntry>,
+    /// Its trace, kept alive by a frame that [owns](Frame::owner) it: a child span's frame
+    /// borrows its parent's, as a reference count per child made each span's enter and exit
+    /// wait on the last one's update of it.
+    trace: NonNull<TraceEntry>,
+    /// Set in the frame that made the trace current here (an entry span, a scope); handed to
+    /// another frame of the same trace if this one goes first.
+    owner: Option<Rc<TraceEntry>>,
+}
+
+impl Frame {
+    #[inline(always)]
+    fn trace(&self) -> &TraceEntry {
+        // SAFETY: a frame on the stack owns this trace entry (see `owner`).
+        unsafe { self.trace.as_ref() }
+    }
 }
 
 const NO_RECORD: u32 = u32::MAX;
@@ -286,6 +363,7 @@ impl Local {
             batch: Batch {
                 traces: Vec::new(),
                 records: Vec::new(),
+                heap: false,
             },
             id_state: 0,
             recycled: Vec::new(),
@@ -335,7 +413,7 @@ impl Local {
     }
 
     fn push_record(&mut self, record: Record) {
-        self.batch.records.push(record);
+        self.batch.push(record);
         if self.stack.is_empty() || self.batch.records.len() >= FLUSH_AT {
             self.hand_off();
         }
@@ -346,13 +424,14 @@ impl Local {
         let slot = self.slot_of_entry(&trace);
         let index = self.batch.records.len() as u32;
         let at_end = AtEnd::of(record.kind, record.entry);
-        self.batch.records.push(Record { trace: slot, ..record });
+        self.batch.push(Record { trace: slot, ..record });
         self.stack.push(Frame {
             span_id,
             sampled: trace.ctx.sampled,
             at_end,
             record: index,
-            trace,
+            trace: NonNull::from(&*trace),
+            owner: Some(trace),
         });
         self.sync_top();
     }
@@ -370,7 +449,10 @@ impl Local {
             if let Some(record) = self.batch.records.get_mut(frame.record as usize) {
                 record.end_raw = end_raw;
             }
-            frame.at_end.run(&frame.trace.ctx);
+            frame.at_end.run(&frame.trace().ctx);
+            if frame.owner.is_some() {
+                self.hand_over(i);
+            }
             if i == top {
                 // Dropped in place: `pop` reads the whole frame out, and its 8-byte load over
                 // the narrower stores of a span entered just now stalls.
@@ -388,7 +470,7 @@ impl Local {
     /// The record of the entered span `span_id`.
     fn record_of(&mut self, span_id: u64) -> Option<&mut Record> {
         let frame = self.stack.iter().rev().find(|f| f.span_id == span_id)?;
-        self.batch.records.get_mut(frame.record as usize)
+        self.batch.record_mut(frame.record)
     }
 
     fn hand_off(&mut self) {
@@ -397,7 +479,7 @@ impl Local {
             return;
         }
         let Some(agent) = agent::get() else {
-            self.batch.records.clear();
+            self.batch.clear_records();
             self.batch.traces.clear();
             return;
         };
@@ -417,10 +499,7 @@ impl Local {
                 self.recycled.extend(spare.traces.drain(..).take(room));
                 spare
             }
-            None => Batch {
-                traces: Vec::with_capacity(2),
-                records: Vec::with_capacity(8),
-            },
+            None => Batch::with_capacity(2, 8),
         };
         let mut full = std::mem::replace(&mut self.batch, fresh);
         self.generation = self.generation.wrapping_add(1);
@@ -431,10 +510,10 @@ impl Local {
                 continue;
             }
             let record = std::mem::replace(&mut full.records[index as usize], Record::HOLE);
-            let trace = self.stack[i].trace.clone();
-            let slot = self.slot_of_entry(&trace);
+            // SAFETY: a frame on the stack owns it (see `Frame::owner`).
+            let slot = self.slot_of_entry(unsafe { self.stack[i].trace.as_ref() });
             self.stack[i].record = self.batch.records.len() as u32;
-            self.batch.records.push(Record { trace: slot, ..record });
+            self.batch.push(Record { trace: slot, ..record });
         }
         let ring = self.ring.as_mut().expect("made above");
         ring.send(full, agent);
@@ -467,7 +546,7 @@ impl Local {
         agent
             .dropped_spans
             .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
-        records.truncate(kept);
+        self.batch.truncate(kept);
         self.batch.traces.clear();
         self.generation = self.generation.wrapping_add(1);
         for i in 0..self.stack.len() {
@@ -475,8 +554,8 @@ impl Local {
             if index == NO_RECORD {
                 continue;
             }
-            let trace = self.stack[i].trace.clone();
-            let slot = self.slot_of_entry(&trace);
+            // SAFETY: a frame on the stack owns it (see `Frame::owner`).
+            let slot = self.slot_of_entry(unsafe { self.stack[i].trace.as_ref() });
             self.batch.records[index as usize].trace = slot;
         }
     }
@@ -500,16 +579,32 @@ impl Local {
         entry
     }
 
-    fn remove_frame(&mut self, span_id: u64) -> Option<Frame> {
-        let frame = match self.stack.last() {
-            Some(top) if top.span_id == span_id => self.stack.pop(),
-            _ => {
-                let i = self.stack.iter().rposition(|f| f.span_id == span_id)?;
-                Some(self.stack.remove(i))
-            }
+    fn remove_frame(&mut self, span_id: u64) {
+        let Some(i) = self.stack.iter().rposition(|f| f.span_id == span_id) else {
+            return;
         };
+        if self.stack[i].owner.is_some() {
+            self.hand_over(i);
+        }
+        self.stack.remove(i);
         self.sync_top();
-        frame
+    }
+
+    /// Before frame `i` owning its trace goes: another frame of the same trace takes the
+    /// ownership over, if there is one (spans ended out of order); otherwise it is released.
+    fn hand_over(&mut self, i: usize) {
+        let owner = self.stack[i].owner.take();
+        let trace = self.stack[i].trace;
+        let heir = self
+            .stack
+            .iter_mut()
+            .enumerate()
+            .find(|(j, f)| *j != i && f.trace == trace);
+        if let Some((_, heir)) = heir {
+            if heir.owner.is_none() {
+                heir.owner = owner;
+            }
+        }
     }
 }
 
@@ -861,7 +956,10 @@ impl SpanBuilder {
         let Some(top) = local.stack.last() else {
             return EnteredSpan { data: None };
         };
-        let (parent_span_id, trace) = (top.span_id, top.trace.clone());
+        let (parent_span_id, trace_ptr) = (top.span_id, top.trace);
+        // SAFETY: a frame on the stack owns it (see `Frame::owner`), and the new frame stays
+        // above that one or takes it over.
+        let trace = unsafe { trace_ptr.as_ref() };
         let sampled = trace.ctx.sampled;
         if !sampled && kind != Kind::Client {
             return EnteredSpan { data: None };
@@ -870,9 +968,11 @@ impl SpanBuilder {
             trace.ctx.current_call.enter(&operation, &peer);
         }
         let span_id = local.next_id();
-        let slot = local.slot_of_entry(&trace);
+        let slot = local.slot_of_entry(trace);
         let start_raw = clock::now_raw();
         let index = local.batch.records.len() as u32;
+        local.batch.heap |=
+            matches!(operation, Cow::Owned(_)) | matches!(component, Cow::Owned(_)) | matches!(peer, Cow::Owned(_));
         push_in_place(&mut local.batch.records, || Record {
             trace: slot,
             kind,
@@ -892,7 +992,8 @@ impl SpanBuilder {
             sampled,
             at_end: AtEnd::of(kind, false),
             record: index,
-            trace,
+            trace: trace_ptr,
+            owner: None,
         });
         local.sync_top();
         EnteredSpan {
@@ -1054,7 +1155,7 @@ impl Entered {
         with_local(|l| {
             let local = l.borrow();
             let frame = local.stack.iter().rev().find(|f| f.span_id == self.span_id)?;
-            Some(frame.trace.ctx.clone())
+            Some(frame.trace().ctx.clone())
         })
         .flatten()
     }
@@ -1140,7 +1241,8 @@ pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
             // The span's own guard does its end.
             at_end: AtEnd::Nothing,
             record: NO_RECORD,
-            trace,
+            trace: NonNull::from(&*trace),
+            owner: Some(trace),
         });
         local.sync_top();
     });
@@ -1163,8 +1265,58 @@ pub(crate) fn current_context() -> Option<Current> {
     with_local(|l| {
         l.borrow().stack.last().map(|f| Current {
             span_id: f.span_id,
-            trace: f.trace.ctx.clone(),
+            trace: f.trace().ctx.clone(),
         })
     })
     .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent, started once for this test process (nothing listens; spans are dropped).
+    fn agent_running() {
+        static AGENT: std::sync::OnceLock<crate::AgentGuard> = std::sync::OnceLock::new();
+        AGENT.get_or_init(|| {
+            crate::init(crate::Config {
+                service: "span-tests".into(),
+                collector: "http://127.0.0.1:9".into(),
+                ..Default::default()
+            })
+            .expect("one agent in this process")
+        });
+    }
+
+    fn frames() -> Vec<(u64, bool)> {
+        LOCAL.with_borrow(|l| l.stack.iter().map(|f| (f.span_id, f.owner.is_some())).collect())
+    }
+
+    #[test]
+    fn a_child_takes_its_trace_over_when_the_transaction_ends_first() {
+        agent_running();
+        let order = crate::transaction("Reorder").entered();
+        let step = crate::span("step").entered();
+        let inner = crate::span("inner").entered();
+        assert_eq!(
+            frames().iter().map(|&(_, owns)| owns).collect::<Vec<_>>(),
+            [true, false, false],
+            "children borrow the transaction's trace"
+        );
+        drop(order);
+        assert_eq!(frames().len(), 2);
+        assert_eq!(
+            frames().iter().filter(|&&(_, owns)| owns).count(),
+            1,
+            "one remaining frame holds the trace: {:?}",
+            frames()
+        );
+        assert_eq!(inner.business_transaction().as_deref(), Some("Reorder"));
+        drop(step);
+        assert_eq!(frames().len(), 1);
+        assert!(frames()[0].1, "the last frame holds the trace");
+        assert_eq!(inner.business_transaction().as_deref(), Some("Reorder"));
+        drop(inner);
+        assert!(frames().is_empty());
+    }
 }
