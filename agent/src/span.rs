@@ -13,7 +13,7 @@
 
 use std::{
     borrow::Cow,
-    cell::{Cell, RefCell},
+    cell::{Cell, UnsafeCell},
     marker::PhantomData,
     ptr::NonNull,
     rc::Rc,
@@ -158,16 +158,14 @@ impl Record {
         detail: None,
     };
 
-    fn set_attribute(&mut self, sampled: bool, key: impl Into<Name>, value: impl ToString) {
-        if sampled {
-            let detail = self.detail.get_or_insert_with(Box::default);
-            detail.attributes.push((key.into(), value.to_string()));
-        }
+    fn set_attribute(&mut self, key: Name, value: String) {
+        let detail = self.detail.get_or_insert_with(Box::default);
+        detail.attributes.push((key, value));
     }
 
-    fn set_error(&mut self, error_type: impl Into<Name>, message: impl ToString) {
+    fn set_error(&mut self, error_type: Name, message: String) {
         let detail = self.detail.get_or_insert_with(Box::default);
-        detail.error = Some((error_type.into(), message.to_string()));
+        detail.error = Some((error_type, message));
     }
 
     /// Whether dropping it frees memory.
@@ -383,13 +381,16 @@ impl Local {
     }
 
     /// Keeps [`TOP`] in step with the stack; called after every change to it.
-    #[inline]
+    #[inline(always)]
     fn sync_top(&self) {
-        TOP.set(match self.stack.last() {
+        let top = match self.stack.last() {
             None => Top::None,
             Some(frame) if frame.sampled => Top::Sampled,
             Some(_) => Top::Unsampled,
-        });
+        };
+        // Through `with`: `LocalKey::set` was left a call (`initialize_with`) where inlined
+        // into the span's end.
+        TOP.with(|cell| cell.set(top));
     }
 
     /// The index of `trace` in the current batch, adding it on first use.
@@ -436,7 +437,31 @@ impl Local {
         self.sync_top();
     }
 
+    /// Ends the usual span, inline: the top of the stack, whose end only takes the time and
+    /// leaves its parent current. `false` when [`Local::close`] is needed.
+    #[inline(always)]
+    fn close_top(&mut self, span_id: u64, end_raw: u64) -> bool {
+        let len = self.stack.len();
+        let Some(frame) = self.stack.last() else {
+            return false;
+        };
+        if frame.span_id != span_id || frame.at_end != AtEnd::Nothing || frame.owner.is_some() || len == 1 {
+            return false;
+        }
+        let Some(record) = self.batch.records.get_mut(frame.record as usize) else {
+            return false;
+        };
+        record.end_raw = end_raw;
+        self.stack.truncate(len - 1);
+        self.sync_top();
+        if self.batch.records.len() >= FLUSH_AT {
+            self.hand_off();
+        }
+        true
+    }
+
     /// Ends an entered span: off the stack, its end time in its record.
+    #[inline(never)]
     fn close(&mut self, span_id: u64, end_raw: u64) {
         // Read in place: copying the frame out first showed in profiles.
         let top = self.stack.len().wrapping_sub(1);
@@ -449,7 +474,9 @@ impl Local {
             if let Some(record) = self.batch.records.get_mut(frame.record as usize) {
                 record.end_raw = end_raw;
             }
-            frame.at_end.run(&frame.trace().ctx);
+            if frame.at_end != AtEnd::Nothing {
+                frame.at_end.run(&frame.trace().ctx);
+            }
             if frame.owner.is_some() {
                 self.hand_over(i);
             }
@@ -618,7 +645,7 @@ impl Drop for Local {
 }
 
 thread_local! {
-    static LOCAL: RefCell<Local> = const { RefCell::new(Local::new()) };
+    static LOCAL: LocalCell = const { LocalCell::new() };
     /// What the top of this thread's stack is, readable without touching [`LOCAL`]: a plain
     /// thread-local byte makes the unsampled path a single load.
     static TOP: Cell<Top> = const { Cell::new(Top::None) };
@@ -629,7 +656,7 @@ const RECYCLED_TRACES: usize = 64;
 
 /// `fields` in a context of this thread's recycled ones when one is there, else a new one.
 fn new_trace_ctx(fields: TraceCtx) -> Arc<TraceCtx> {
-    let recycled = with_local(|l| l.try_borrow_mut().ok()?.recycled.pop()).flatten();
+    let recycled = with_local(|local| local.recycled.pop()).flatten();
     match recycled {
         Some(mut ctx) => match Arc::get_mut(&mut ctx) {
             Some(slot) => {
@@ -672,29 +699,89 @@ fn push_in_place<T>(vec: &mut Vec<T>, make: impl FnOnce() -> T) {
     }
 }
 
-/// Runs `f` on this thread's [`LOCAL`], `None` once it is gone (the thread is ending).
+/// This thread's [`Local`], used without a borrow flag: a `RefCell`'s check, set and reset
+/// around each span's start and end were ~1.3 ns a span (`span-loop`). Exclusive use holds
+/// because nothing done while it is in use comes back to it: the code given it runs no code of
+/// the caller's (attribute values are made before) and starts or ends no span; the records and
+/// contexts it drops free memory only. Debug builds check this.
+struct LocalCell {
+    local: UnsafeCell<Local>,
+    #[cfg(debug_assertions)]
+    in_use: Cell<bool>,
+}
+
+impl LocalCell {
+    const fn new() -> Self {
+        Self {
+            local: UnsafeCell::new(Local::new()),
+            #[cfg(debug_assertions)]
+            in_use: Cell::new(false),
+        }
+    }
+}
+
+/// Runs `f` on this thread's [`Local`], `None` once it is gone (the thread is ending). `f` must
+/// not reach it again (see [`LocalCell`]).
+#[inline(always)]
+fn with_local<R>(f: impl FnOnce(&mut Local) -> R) -> Option<R> {
+    // SAFETY: the reference lives only within this call.
+    unsafe { local() }.map(|mut local| f(&mut local))
+}
+
+/// This thread's [`Local`] in use, `None` once it is gone; ready for use again when dropped.
 ///
 /// The closure given to `LocalKey::try_with` only takes the address: with the span's work inside
 /// it, `try_with` stayed an out-of-line call reaching the thread-local through a function
-/// pointer, about a tenth of a span's instructions (callgrind, `span-loop`).
-#[inline(always)]
-fn with_local<R>(f: impl FnOnce(&RefCell<Local>) -> R) -> Option<R> {
-    // SAFETY: the reference lives only within this call.
-    unsafe { local() }.map(f)
-}
-
-/// This thread's [`LOCAL`], `None` once it is gone. The closure given to `LocalKey::try_with`
-/// only takes the address, for the reason [`with_local`] gives.
+/// pointer, about a tenth of a span's instructions (callgrind, `span-loop`). For the same reason
+/// the span's hot paths take this guard rather than pass a closure to [`with_local`].
 ///
 /// # Safety
-/// The reference must not outlive the caller's call: the thread's end destroys `LOCAL`.
+/// The guard must not outlive the caller's call (the thread's end destroys `LOCAL`), and
+/// nothing done while it is held may reach `LOCAL` again (see [`LocalCell`]).
 #[inline(always)]
-unsafe fn local<'a>() -> Option<&'a RefCell<Local>> {
-    let local = LOCAL.try_with(|l| l as *const RefCell<Local>).ok()?;
-    // SAFETY: the address is this thread's live `LOCAL` (`try_with` succeeded); the reference
-    // is not `Send` (`RefCell` is not `Sync`), so it stays on this thread, and the caller keeps
-    // it no longer than its own call.
-    Some(unsafe { &*local })
+unsafe fn local<'a>() -> Option<LocalInUse<'a>> {
+    let cell = LOCAL.try_with(|l| l as *const LocalCell).ok()?;
+    // SAFETY: the address is this thread's live `LOCAL` (`try_with` succeeded); the caller
+    // keeps the guard no longer than its own call.
+    let cell = unsafe { &*cell };
+    #[cfg(debug_assertions)]
+    assert!(!cell.in_use.replace(true), "span state reached again while in use");
+    Some(LocalInUse {
+        // SAFETY: exclusive: only this thread reaches its `LOCAL`, and not again while this
+        // guard is held (the caller's promise; checked in debug builds above).
+        local: unsafe { &mut *cell.local.get() },
+        #[cfg(debug_assertions)]
+        in_use: &cell.in_use,
+    })
+}
+
+/// See [`local`].
+struct LocalInUse<'a> {
+    local: &'a mut Local,
+    #[cfg(debug_assertions)]
+    in_use: &'a Cell<bool>,
+}
+
+impl std::ops::Deref for LocalInUse<'_> {
+    type Target = Local;
+    #[inline(always)]
+    fn deref(&self) -> &Local {
+        self.local
+    }
+}
+
+impl std::ops::DerefMut for LocalInUse<'_> {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut Local {
+        self.local
+    }
+}
+
+#[cfg(debug_assertions)]
+impl Drop for LocalInUse<'_> {
+    fn drop(&mut self) {
+        self.in_use.set(false);
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -948,11 +1035,11 @@ impl SpanBuilder {
         } = self;
         // A child's BT is its trace's: a name given here is dropped unused.
         drop(bt);
-        // SAFETY: used within this call only.
-        let Some(l) = (unsafe { local() }) else {
+        // SAFETY: used within this call only; nothing below starts or ends a span or runs the
+        // caller's code.
+        let Some(mut local) = (unsafe { local() }) else {
             return EnteredSpan { data: None };
         };
-        let mut local = l.borrow_mut();
         let Some(top) = local.stack.last() else {
             return EnteredSpan { data: None };
         };
@@ -1008,7 +1095,7 @@ impl SpanBuilder {
         let sampled = trace.sampled;
         let trace = TraceEntry::new(trace);
         let span_id = record.span_id;
-        LOCAL.with(|l| l.borrow_mut().open(span_id, trace, record));
+        with_local(|local| local.open(span_id, trace, record));
         EnteredSpan {
             data: Some(Entered::new(span_id, sampled)),
         }
@@ -1036,14 +1123,16 @@ impl Span {
     /// Adds an attribute; costs nothing when the span is not recorded.
     pub fn set_attribute(&mut self, key: impl Into<Name>, value: impl ToString) {
         if let Some(data) = &mut self.data {
-            data.record.set_attribute(data.trace.sampled, key, value);
+            if data.trace.sampled {
+                data.record.set_attribute(key.into(), value.to_string());
+            }
         }
     }
 
     /// Marks the span failed, with an error type (`Timeout`, `sqlx::Error`) and message.
     pub fn set_error(&mut self, error_type: impl Into<Name>, message: impl ToString) {
         if let Some(data) = &mut self.data {
-            data.record.set_error(error_type, message);
+            data.record.set_error(error_type.into(), message.to_string());
         }
     }
 
@@ -1123,8 +1212,7 @@ impl Drop for Span {
             return;
         };
         record.end(&trace, clock::now_raw());
-        with_local(|l| {
-            let mut local = l.borrow_mut();
+        with_local(|local| {
             let slot = local.slot_of(&trace);
             local.push_record(Record { trace: slot, ..record });
         });
@@ -1152,8 +1240,7 @@ impl Entered {
 
     /// Its trace, from its frame.
     fn trace(&self) -> Option<Arc<TraceCtx>> {
-        with_local(|l| {
-            let local = l.borrow();
+        with_local(|local| {
             let frame = local.stack.iter().rev().find(|f| f.span_id == self.span_id)?;
             Some(frame.trace().ctx.clone())
         })
@@ -1174,11 +1261,13 @@ impl EnteredSpan {
         self.data.as_ref().is_some_and(|d| d.sampled)
     }
 
-    fn with_record(&self, f: impl FnOnce(&mut Record, bool)) {
+    /// Runs `f` on this span's record. `f` must not run the caller's code: it runs with this
+    /// thread's span state in use (see [`with_local`]).
+    fn with_record(&self, f: impl FnOnce(&mut Record)) {
         if let Some(data) = &self.data {
-            LOCAL.with(|l| {
-                if let Some(record) = l.borrow_mut().record_of(data.span_id) {
-                    f(record, data.sampled);
+            with_local(|local| {
+                if let Some(record) = local.record_of(data.span_id) {
+                    f(record);
                 }
             });
         }
@@ -1187,13 +1276,18 @@ impl EnteredSpan {
     /// Adds an attribute; costs nothing when the span is not recorded.
     pub fn set_attribute(&mut self, key: impl Into<Name>, value: impl ToString) {
         if self.is_recording() {
-            self.with_record(|record, sampled| record.set_attribute(sampled, key, value));
+            // Made here: the caller's conversions may start spans of their own.
+            let (key, value) = (key.into(), value.to_string());
+            self.with_record(|record| record.set_attribute(key, value));
         }
     }
 
     /// Marks the span failed, with an error type (`Timeout`, `sqlx::Error`) and message.
     pub fn set_error(&mut self, error_type: impl Into<Name>, message: impl ToString) {
-        self.with_record(|record, _| record.set_error(error_type, message));
+        if self.data.is_some() {
+            let (error_type, message) = (error_type.into(), message.to_string());
+            self.with_record(|record| record.set_error(error_type, message));
+        }
     }
 
     /// The business transaction this span serves, if it is running.
@@ -1225,14 +1319,17 @@ impl Entered {
     #[inline(never)]
     fn close(self) {
         let end_raw = clock::now_raw();
-        with_local(|l| l.borrow_mut().close(self.span_id, end_raw));
+        with_local(|local| {
+            if !local.close_top(self.span_id, end_raw) {
+                local.close(self.span_id, end_raw);
+            }
+        });
     }
 }
 
 /// Makes a span of `trace` current on this thread (entering a [`Span`], a `tracing` span).
 pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
-    with_local(|l| {
-        let mut local = l.borrow_mut();
+    with_local(|local| {
         let sampled = trace.sampled;
         let trace = local.scoped_entry(trace);
         local.stack.push(Frame {
@@ -1251,8 +1348,7 @@ pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
 /// Removes `span_id` from this thread's stack (normally the top); hands the buffer off when
 /// the thread leaves instrumented code.
 pub(crate) fn pop(span_id: u64) {
-    with_local(|l| {
-        let mut local = l.borrow_mut();
+    with_local(|local| {
         local.remove_frame(span_id);
         if local.stack.is_empty() {
             local.hand_off();
@@ -1262,8 +1358,8 @@ pub(crate) fn pop(span_id: u64) {
 
 /// The context to propagate: the current span on this thread.
 pub(crate) fn current_context() -> Option<Current> {
-    with_local(|l| {
-        l.borrow().stack.last().map(|f| Current {
+    with_local(|local| {
+        local.stack.last().map(|f| Current {
             span_id: f.span_id,
             trace: f.trace().ctx.clone(),
         })
@@ -1289,7 +1385,7 @@ mod tests {
     }
 
     fn frames() -> Vec<(u64, bool)> {
-        LOCAL.with_borrow(|l| l.stack.iter().map(|f| (f.span_id, f.owner.is_some())).collect())
+        with_local(|l| l.stack.iter().map(|f| (f.span_id, f.owner.is_some())).collect()).unwrap()
     }
 
     #[test]
@@ -1318,5 +1414,35 @@ mod tests {
         assert_eq!(inner.business_transaction().as_deref(), Some("Reorder"));
         drop(inner);
         assert!(frames().is_empty());
+    }
+
+    /// An attribute value whose formatting starts a span of its own.
+    struct Traced;
+
+    impl std::fmt::Display for Traced {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let _inside = crate::span("format").entered();
+            f.write_str("formatted")
+        }
+    }
+
+    #[test]
+    fn an_attribute_may_start_spans_while_it_is_made() {
+        agent_running();
+        let mut order = crate::transaction("Format").entered();
+        order.set_attribute("value", Traced);
+        order.set_error("Invalid", Traced);
+        let mut started = crate::span("started").start();
+        started.set_attribute("value", Traced);
+        drop(started);
+        assert_eq!(frames().len(), 1, "the formatting's span ended");
+        LOCAL.with(|cell| {
+            // SAFETY: nothing else uses this thread's state during this read.
+            let local = unsafe { &*cell.local.get() };
+            let record = &local.batch.records[local.stack[0].record as usize];
+            let detail = record.detail.as_ref().expect("attribute and error kept");
+            assert_eq!(detail.attributes, [(Name::Borrowed("value"), "formatted".to_string())]);
+            assert_eq!(detail.error, Some((Name::Borrowed("Invalid"), "formatted".to_string())));
+        });
     }
 }
