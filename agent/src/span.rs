@@ -520,10 +520,14 @@ impl Local {
         // Fresh ones start small: most hand-offs are one request's few spans.
         let fresh = match ring.spare() {
             Some(mut spare) => {
-                // Contexts the exporter held last: this thread's next transactions reuse them.
-                let room = RECYCLED_TRACES.saturating_sub(self.recycled.len());
-                // (What does not fit is dropped with the drain.)
-                self.recycled.extend(spare.traces.drain(..).take(room));
+                // Contexts the exporter held last: this thread's next transactions reuse them
+                // (what does not fit is dropped). One by one: usually there is one, and
+                // `extend(drain().take())` cost ~80 instructions for it.
+                while self.recycled.len() < RECYCLED_TRACES {
+                    let Some(trace) = spare.traces.pop() else { break };
+                    self.recycled.push(trace);
+                }
+                spare.traces.clear();
                 spare
             }
             None => Batch::with_capacity(2, 8),
@@ -607,13 +611,22 @@ impl Local {
     }
 
     fn remove_frame(&mut self, span_id: u64) {
-        let Some(i) = self.stack.iter().rposition(|f| f.span_id == span_id) else {
+        let top = self.stack.len().wrapping_sub(1);
+        let found = match self.stack.last() {
+            Some(frame) if frame.span_id == span_id => Some(top),
+            _ => self.stack.iter().rposition(|f| f.span_id == span_id),
+        };
+        let Some(i) = found else {
             return;
         };
         if self.stack[i].owner.is_some() {
             self.hand_over(i);
         }
-        self.stack.remove(i);
+        if i == top {
+            self.stack.truncate(top);
+        } else {
+            self.stack.remove(i);
+        }
         self.sync_top();
     }
 
@@ -993,7 +1006,22 @@ impl SpanBuilder {
                     return EnteredSpan { data: None };
                 }
                 Top::None => {}
-                _ => return self.enter_child(),
+                _ => {
+                    let SpanBuilder {
+                        operation,
+                        kind,
+                        component,
+                        peer,
+                        bt,
+                        remote,
+                        parent,
+                    } = self;
+                    // Both `None` (checked above): nothing to drop, and no check of it again.
+                    std::mem::forget((remote, parent));
+                    // A child's BT is its trace's: a name given here is dropped unused.
+                    drop(bt);
+                    return Self::enter_child(operation, kind, component, peer);
+                }
             }
         }
         self.entered_other()
@@ -1023,18 +1051,7 @@ impl SpanBuilder {
     /// with wider loads than its stores, and each such load waited for those stores to retire
     /// (a store-forwarding stall; four of them were most of a span in `perf annotate`).
     #[inline(always)]
-    fn enter_child(self) -> EnteredSpan {
-        let SpanBuilder {
-            operation,
-            kind,
-            component,
-            peer,
-            bt,
-            remote: _,
-            parent: _,
-        } = self;
-        // A child's BT is its trace's: a name given here is dropped unused.
-        drop(bt);
+    fn enter_child(operation: Name, kind: Kind, component: Name, peer: Name) -> EnteredSpan {
         // SAFETY: used within this call only; nothing below starts or ends a span or runs the
         // caller's code.
         let Some(mut local) = (unsafe { local() }) else {
@@ -1316,7 +1333,7 @@ impl Drop for EnteredSpan {
 }
 
 impl Entered {
-    #[inline(never)]
+    #[inline(always)]
     fn close(self) {
         let end_raw = clock::now_raw();
         with_local(|local| {

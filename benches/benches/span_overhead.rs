@@ -6,6 +6,9 @@
 //! - `opentelemetry_sdk`: batch span processor, an exporter that does nothing.
 //! - `fastrace`: a reporter that discards.
 //! - `tracing_opentelemetry`: `tracing` spans through `tracing-opentelemetry` into the same SDK.
+//! - `two_clock_reads`: no span, only the two reads of the CPU's time-stamp counter that timing
+//!   a span takes (its start and its end; the agent's and fastrace's clock): the floor under
+//!   any span timed this way on the machine at hand.
 //!
 //! Run: cargo bench -p sightline-benches --bench span_overhead
 
@@ -111,6 +114,21 @@ fn bench(c: &mut Criterion) {
                 let _guard = root.set_local_parent();
                 for _ in 1..n {
                     let _child = fastrace::local::LocalSpan::enter_with_local_parent("child");
+                }
+            })
+        });
+        #[cfg(target_arch = "x86_64")]
+        group.bench_with_input(BenchmarkId::new("two_clock_reads", n), &n, |b, &n| {
+            b.iter(|| {
+                for _ in 0..n {
+                    // SAFETY: `rdtsc` has no preconditions on x86_64.
+                    let (start, end) = unsafe {
+                        (
+                            core::arch::x86_64::_rdtsc(),
+                            std::hint::black_box(core::arch::x86_64::_rdtsc()),
+                        )
+                    };
+                    std::hint::black_box(end.wrapping_sub(start));
                 }
             })
         });
