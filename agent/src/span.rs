@@ -1110,9 +1110,11 @@ impl SpanBuilder {
             return EnteredSpan { data: None };
         };
         let sampled = trace.sampled;
-        let trace = TraceEntry::new(trace);
         let span_id = record.span_id;
-        with_local(|local| local.open(span_id, trace, record));
+        with_local(|local| {
+            let entry = local.scoped_entry(&trace);
+            local.open(span_id, entry, record);
+        });
         EnteredSpan {
             data: Some(Entered::new(span_id, sampled)),
         }
