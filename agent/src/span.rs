@@ -694,18 +694,26 @@ fn by_parts(name: Name) -> Name {
     }
 }
 
-/// Appends the value `make` returns, made after any growth of `vec`: `Vec::push` takes a value
-/// made before its growth check (a call), so the value was built on the stack and copied in
-/// wide moves that waited on its narrow stores; made here, it is written straight into place.
+/// Makes room for one more element of `vec`, before the values of a span are made: a growth
+/// check (a call) between making them and storing them left them spilled to the stack and
+/// copied from there in wide moves that waited on their narrow stores.
 #[inline(always)]
-fn push_in_place<T>(vec: &mut Vec<T>, make: impl FnOnce() -> T) {
+fn reserve_one<T>(vec: &mut Vec<T>) {
     if vec.len() == vec.capacity() {
         vec.reserve(1);
     }
+}
+
+/// Appends `value`, written straight into place.
+///
+/// # Safety
+/// `vec` has room for it ([`reserve_one`] since its last push).
+#[inline(always)]
+unsafe fn push_reserved<T>(vec: &mut Vec<T>, value: T) {
     let len = vec.len();
-    let value = make();
-    // SAFETY: `len < capacity` (reserved above), so the slot is allocated and unused; the
-    // length covers it only once it is written.
+    debug_assert!(len < vec.capacity());
+    // SAFETY: `len < capacity` (the caller's promise), so the slot is allocated and unused;
+    // the length covers it only once it is written.
     unsafe {
         vec.as_mut_ptr().add(len).write(value);
         vec.set_len(len + 1);
@@ -1057,14 +1065,15 @@ impl SpanBuilder {
         let Some(mut local) = (unsafe { local() }) else {
             return EnteredSpan { data: None };
         };
+        reserve_one(&mut local.batch.records);
+        reserve_one(&mut local.stack);
         let Some(top) = local.stack.last() else {
             return EnteredSpan { data: None };
         };
-        let (parent_span_id, trace_ptr) = (top.span_id, top.trace);
+        let (parent_span_id, trace_ptr, sampled) = (top.span_id, top.trace, top.sampled);
         // SAFETY: a frame on the stack owns it (see `Frame::owner`), and the new frame stays
         // above that one or takes it over.
         let trace = unsafe { trace_ptr.as_ref() };
-        let sampled = trace.ctx.sampled;
         if !sampled && kind != Kind::Client {
             return EnteredSpan { data: None };
         }
@@ -1077,29 +1086,39 @@ impl SpanBuilder {
         let index = local.batch.records.len() as u32;
         local.batch.heap |=
             matches!(operation, Cow::Owned(_)) | matches!(component, Cow::Owned(_)) | matches!(peer, Cow::Owned(_));
-        push_in_place(&mut local.batch.records, || Record {
-            trace: slot,
-            kind,
-            entry: false,
-            http_status: 0,
-            span_id,
-            parent_span_id,
-            start_raw,
-            end_raw: 0,
-            operation: by_parts(operation),
-            component: by_parts(component),
-            peer: by_parts(peer),
-            detail: None,
-        });
-        push_in_place(&mut local.stack, || Frame {
-            span_id,
-            sampled,
-            at_end: AtEnd::of(kind, false),
-            record: index,
-            trace: trace_ptr,
-            owner: None,
-        });
-        local.sync_top();
+        // SAFETY: room made above; nothing since pushed to either vector.
+        unsafe {
+            push_reserved(
+                &mut local.batch.records,
+                Record {
+                    trace: slot,
+                    kind,
+                    entry: false,
+                    http_status: 0,
+                    span_id,
+                    parent_span_id,
+                    start_raw,
+                    end_raw: 0,
+                    operation: by_parts(operation),
+                    component: by_parts(component),
+                    peer: by_parts(peer),
+                    detail: None,
+                },
+            );
+            push_reserved(
+                &mut local.stack,
+                Frame {
+                    span_id,
+                    sampled,
+                    at_end: AtEnd::of(kind, false),
+                    record: index,
+                    trace: trace_ptr,
+                    owner: None,
+                },
+            );
+        }
+        // What `sync_top` would read back from the frame just written.
+        TOP.with(|top| top.set(if sampled { Top::Sampled } else { Top::Unsampled }));
         EnteredSpan {
             data: Some(Entered::new(span_id, sampled)),
         }
