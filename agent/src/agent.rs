@@ -9,18 +9,19 @@
 //! outruns the exporter holds a bounded buffer, not one per hand-off.
 
 use std::sync::{
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicPtr, AtomicU64, Ordering},
     Arc, Mutex, OnceLock,
 };
 
 use crate::span::Batch;
 
 /// Emptied buffers waiting to go back to a thread; beyond it they are freed. A thread hands off
-/// about twice a request (when a handler's poll ends, and when its response is done), so this
-/// covers a drain interval of hand-offs at 5,000 requests/s a thread: with fewer, a thread
-/// allocated most buffers and the exporter freed them, and malloc's cross-thread path cost more
-/// than the spans (callgrind, benches/README.md). Buffers exist only as far as hand-offs made
-/// them; the ring itself is 48 bytes a slot.
+/// full buffers (`span::FLUSH_AT` spans) and its parked one once a drain, so this covers every
+/// buffer a drain can take from a thread within `queue_spans` (512 at the defaults): with too
+/// few, a thread allocated most buffers and the exporter freed them, and malloc's cross-thread
+/// path cost more than the spans (callgrind, benches/README.md). Buffers exist only as far as
+/// hand-offs made them, and no more of them than the spans `queue_spans` lets wait; the ring
+/// itself is 56 bytes a slot.
 const SPARE_BATCHES: usize = 1024;
 
 pub(crate) struct Agent {
@@ -37,6 +38,7 @@ pub(crate) struct Agent {
 pub(crate) struct ThreadRing {
     full: rtrb::Producer<Batch>,
     spare: rtrb::Consumer<Batch>,
+    parked: Arc<Parked>,
     /// Records this thread handed off, ever.
     sent_records: u64,
     /// Records the exporter took from this ring, ever (written by the exporter only).
@@ -48,7 +50,42 @@ pub(crate) struct ThreadRing {
 struct ExporterEnd {
     full: rtrb::Consumer<Batch>,
     spare: rtrb::Producer<Batch>,
+    parked: Arc<Parked>,
     taken_records: Arc<AtomicU64>,
+}
+
+/// A thread's unfinished batch, left where the exporter can take it while the thread is out of
+/// instrumented code (between requests): the thread takes it back when it starts its next
+/// span, or finds it taken and starts a new one. A thread that serves one short request after
+/// another thus fills a batch over many requests with one atomic swap each way, instead of
+/// handing off a batch of a few spans per request, and an idle thread's spans still leave at
+/// the exporter's next drain.
+#[derive(Default)]
+struct Parked(AtomicPtr<Batch>);
+
+impl Parked {
+    fn put(&self, batch: Box<Batch>) {
+        let previous = self.0.swap(Box::into_raw(batch), Ordering::AcqRel);
+        // Only the thread puts, and it takes back before it puts again.
+        debug_assert!(previous.is_null(), "a batch parked twice");
+        if !previous.is_null() {
+            // SAFETY: every pointer in the slot came from `Box::into_raw`, and the swap gave
+            // this call the only copy of it.
+            drop(unsafe { Box::from_raw(previous) });
+        }
+    }
+
+    fn take(&self) -> Option<Box<Batch>> {
+        let batch = self.0.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        // SAFETY: as in `put`: from `Box::into_raw`, and the swap gave this call the only copy.
+        (!batch.is_null()).then(|| unsafe { Box::from_raw(batch) })
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
 }
 
 impl ThreadRing {
@@ -61,6 +98,16 @@ impl ThreadRing {
     pub(crate) fn has_room(&self, records: usize) -> bool {
         let waiting = self.sent_records - self.taken_records.load(Ordering::Acquire);
         waiting + records as u64 <= self.queue_spans && !self.full.is_full()
+    }
+
+    /// Leaves the thread's unfinished batch for the exporter to take (see [`Parked`]).
+    pub(crate) fn park(&self, batch: Box<Batch>) {
+        self.parked.put(batch);
+    }
+
+    /// The parked batch, unless the exporter took it meanwhile.
+    pub(crate) fn unpark(&self) -> Option<Box<Batch>> {
+        self.parked.take()
     }
 
     /// Hands a batch to the exporter; never waits. Call [`ThreadRing::has_room`] first: a
@@ -132,23 +179,27 @@ impl Agent {
         let (full_tx, full_rx) = rtrb::RingBuffer::new(self.queue_spans);
         let (spare_tx, spare_rx) = rtrb::RingBuffer::new(SPARE_BATCHES);
         let taken_records = Arc::new(AtomicU64::new(0));
+        let parked = Arc::new(Parked::default());
         if let Ok(mut rings) = self.rings.lock() {
             rings.push(ExporterEnd {
                 full: full_rx,
                 spare: spare_tx,
+                parked: parked.clone(),
                 taken_records: taken_records.clone(),
             });
         }
         ThreadRing {
             full: full_tx,
             spare: spare_rx,
+            parked,
             sent_records: 0,
             taken_records,
             queue_spans: self.queue_spans as u64,
         }
     }
 
-    /// Every batch handed off so far, to `consume` with the number of records all of them hold
+    /// Every batch handed off so far and every parked one, to `consume` with the number of
+    /// records all of them hold
     /// (so that room for them is made once: a vector grown as they came copied them again and
     /// again, ~170 exporter instructions a span); the batches are emptied after and go back to
     /// their threads. Rings of threads that ended are dropped once drained.
@@ -160,6 +211,10 @@ impl Agent {
                 ring.taken_records
                     .fetch_add(batch.records().len() as u64, Ordering::Release);
                 taken.push((index, batch));
+            }
+            // After the ring: its spans are newer. (Never counted as waiting in the ring.)
+            if let Some(batch) = ring.parked.take() {
+                taken.push((index, *batch));
             }
         }
         let records = taken.iter().map(|(_, batch)| batch.records().len()).sum();

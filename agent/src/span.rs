@@ -4,9 +4,10 @@
 //! per request). A span entered on a thread is a stack frame plus a record written once, in
 //! place, in this thread's buffer (its end time is filled in when the guard drops); the guard
 //! itself is two words. No atomic reference count, no lock, no allocation beyond the buffer.
-//! The buffer goes to the exporter through this thread's own lock-free ring when the thread
-//! leaves instrumented code (its stack is empty) or holds [`FLUSH_AT`] spans; spans still open
-//! then move to the next buffer. Whether a trace is recorded is decided once, at its root, before any
+//! The buffer goes to the exporter through this thread's own lock-free ring when it holds
+//! [`FLUSH_AT`] spans (spans still open then move to the next buffer); when the thread leaves
+//! instrumented code (its stack is empty) the buffer is parked where the exporter takes it at
+//! its next drain, unless the thread takes it back first (see [`Local::leave`]). Whether a trace is recorded is decided once, at its root, before any
 //! attribute exists. Inside an unsampled trace an internal child span is a no-op; calls out
 //! (client spans) are still timed, for exact RED per stage and for naming the call a stuck
 //! transaction is inside.
@@ -351,6 +352,11 @@ struct Local {
     ring: Option<ThreadRing>,
     /// The last trace made current from a [`Span`]: futures are polled again and again.
     last_scoped: Option<Rc<TraceEntry>>,
+    /// Whether `batch` is parked for the exporter (see [`Local::leave`]); the stack is empty
+    /// meanwhile.
+    parked: bool,
+    /// The box a batch is parked in, kept between parkings.
+    park_box: Option<Box<Batch>>,
 }
 
 impl Local {
@@ -368,6 +374,8 @@ impl Local {
             generation: 0,
             ring: None,
             last_scoped: None,
+            parked: false,
+            park_box: None,
         }
     }
 
@@ -415,13 +423,94 @@ impl Local {
 
     fn push_record(&mut self, record: Record) {
         self.batch.push(record);
-        if self.stack.is_empty() || self.batch.records.len() >= FLUSH_AT {
+        self.after_end();
+    }
+
+    /// After a span ends or a scope closes: a full batch goes to the exporter; one left when
+    /// the thread leaves instrumented code is parked for it.
+    #[inline]
+    fn after_end(&mut self) {
+        if self.batch.records.len() >= FLUSH_AT {
             self.hand_off();
+        } else if self.stack.is_empty() {
+            self.leave();
         }
+    }
+
+    /// The thread leaves instrumented code: what it buffered is parked where the exporter
+    /// takes it at its next drain, unless the thread takes it back first to go on filling it
+    /// (see [`Local::resume`]). One atomic swap each way, where a hand-off a request cost a
+    /// ring slot, a buffer (often a fresh one) and the exporter's work on a batch of a few
+    /// spans.
+    fn leave(&mut self) {
+        if self.batch.records.is_empty() {
+            self.clear_traces();
+            return;
+        }
+        let Some(agent) = agent::get() else {
+            self.batch.clear_records();
+            self.clear_traces();
+            return;
+        };
+        let ring = self.ring.get_or_insert_with(|| agent.new_ring());
+        let mut parked = self.park_box.take().unwrap_or_default();
+        std::mem::swap(&mut *parked, &mut self.batch);
+        ring.park(parked);
+        self.parked = true;
+    }
+
+    /// Before the thread starts a span or a scope with its stack empty: its parked batch back,
+    /// or, when the exporter took it, a new one.
+    #[inline]
+    fn resume(&mut self) {
+        if self.parked {
+            self.unpark();
+        }
+    }
+
+    fn unpark(&mut self) {
+        self.parked = false;
+        let Some(ring) = &mut self.ring else { return };
+        match ring.unpark() {
+            Some(mut parked) => {
+                std::mem::swap(&mut *parked, &mut self.batch);
+                self.park_box = Some(parked);
+            }
+            None => {
+                // Its traces went with it: no trace entry's slot holds any more.
+                self.generation = self.generation.wrapping_add(1);
+                if let Some(spare) = self.take_spare() {
+                    self.batch = spare;
+                }
+            }
+        }
+    }
+
+    /// Empties the batch's traces; no trace entry's slot holds after.
+    fn clear_traces(&mut self) {
+        if !self.batch.traces.is_empty() {
+            self.batch.traces.clear();
+            self.generation = self.generation.wrapping_add(1);
+        }
+    }
+
+    /// A buffer the exporter emptied, with the contexts it held kept for reuse.
+    fn take_spare(&mut self) -> Option<Batch> {
+        let mut spare = self.ring.as_mut()?.spare()?;
+        // Contexts the exporter held last: this thread's next transactions reuse them (what
+        // does not fit is dropped). One by one: usually there is one, and
+        // `extend(drain().take())` cost ~80 instructions for it.
+        while self.recycled.len() < RECYCLED_TRACES {
+            let Some(trace) = spare.traces.pop() else { break };
+            self.recycled.push(trace);
+        }
+        spare.traces.clear();
+        Some(spare)
     }
 
     /// A record written in place for a span entered now.
     fn open(&mut self, span_id: u64, trace: Rc<TraceEntry>, record: Record) {
+        self.resume();
         let slot = self.slot_of_entry(&trace);
         let index = self.batch.records.len() as u32;
         let at_end = AtEnd::of(record.kind, record.entry);
@@ -489,9 +578,7 @@ impl Local {
             }
             self.sync_top();
         }
-        if self.stack.is_empty() || self.batch.records.len() >= FLUSH_AT {
-            self.hand_off();
-        }
+        self.after_end();
     }
 
     /// The record of the entered span `span_id`.
@@ -502,12 +589,12 @@ impl Local {
 
     fn hand_off(&mut self) {
         if self.batch.records.is_empty() {
-            self.batch.traces.clear();
+            self.clear_traces();
             return;
         }
         let Some(agent) = agent::get() else {
             self.batch.clear_records();
-            self.batch.traces.clear();
+            self.clear_traces();
             return;
         };
         let ring = self.ring.get_or_insert_with(|| agent.new_ring());
@@ -516,22 +603,9 @@ impl Local {
             return;
         }
         // A buffer the exporter emptied: growing a fresh one per hand-off cost more than the
-        // spans (benches/README.md).
-        // Fresh ones start small: most hand-offs are one request's few spans.
-        let fresh = match ring.spare() {
-            Some(mut spare) => {
-                // Contexts the exporter held last: this thread's next transactions reuse them
-                // (what does not fit is dropped). One by one: usually there is one, and
-                // `extend(drain().take())` cost ~80 instructions for it.
-                while self.recycled.len() < RECYCLED_TRACES {
-                    let Some(trace) = spare.traces.pop() else { break };
-                    self.recycled.push(trace);
-                }
-                spare.traces.clear();
-                spare
-            }
-            None => Batch::with_capacity(2, 8),
-        };
+        // spans (benches/README.md). A fresh one has room for a full batch at once: with
+        // batches parked between requests, most hand-offs are of full ones.
+        let fresh = self.take_spare().unwrap_or_else(|| Batch::with_capacity(8, FLUSH_AT));
         let mut full = std::mem::replace(&mut self.batch, fresh);
         self.generation = self.generation.wrapping_add(1);
         // Spans still open move on: a buffer handed off holds finished spans only.
@@ -653,6 +727,7 @@ impl Drop for Local {
         // The thread is ending: what it buffered still goes.
         self.stack.clear();
         let _ = TOP.try_with(|top| top.set(Top::None));
+        self.resume();
         self.hand_off();
     }
 }
@@ -1210,8 +1285,8 @@ impl Span {
 
     /// Polls through `poll` with the span in `slot` current; when the poll is ready, `on_ready`
     /// sees the span and the output, and the span ends, still current: its record joins the
-    /// buffer before the scope closes, so the thread hands off once for the whole poll (the
-    /// spans ended inside it and this one) rather than twice.
+    /// buffer before the scope closes, so the thread leaves instrumented code once for the
+    /// whole poll (the spans ended inside it and this one) rather than twice.
     pub(crate) fn poll_in_scope<T>(
         slot: &mut Option<Span>,
         poll: impl FnOnce() -> std::task::Poll<T>,
@@ -1251,6 +1326,7 @@ impl Drop for Span {
         };
         record.end(&trace, clock::now_raw());
         with_local(|local| {
+            local.resume();
             let slot = local.slot_of(&trace);
             local.push_record(Record { trace: slot, ..record });
         });
@@ -1368,6 +1444,7 @@ impl Entered {
 /// Makes a span of `trace` current on this thread (entering a [`Span`], a `tracing` span).
 pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
     with_local(|local| {
+        local.resume();
         let sampled = trace.sampled;
         let trace = local.scoped_entry(trace);
         local.stack.push(Frame {
@@ -1383,13 +1460,13 @@ pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
     });
 }
 
-/// Removes `span_id` from this thread's stack (normally the top); hands the buffer off when
-/// the thread leaves instrumented code.
+/// Removes `span_id` from this thread's stack (normally the top); parks the buffer when the
+/// thread leaves instrumented code.
 pub(crate) fn pop(span_id: u64) {
     with_local(|local| {
         local.remove_frame(span_id);
         if local.stack.is_empty() {
-            local.hand_off();
+            local.after_end();
         }
     });
 }
