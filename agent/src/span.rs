@@ -352,8 +352,8 @@ struct Local {
     ring: Option<ThreadRing>,
     /// The last trace made current from a [`Span`]: futures are polled again and again.
     last_scoped: Option<Rc<TraceEntry>>,
-    /// Whether `batch` is parked for the exporter (see [`Local::leave`]); the stack is empty
-    /// meanwhile.
+    /// Whether `batch` is parked for the exporter (see [`Local::leave`]); nothing is written
+    /// to the batch meanwhile (scopes may be current: see [`push_frame`]).
     parked: bool,
     /// The box a batch is parked in, kept between parkings.
     park_box: Option<Box<Batch>>,
@@ -459,8 +459,8 @@ impl Local {
         self.parked = true;
     }
 
-    /// Before the thread starts a span or a scope with its stack empty: its parked batch back,
-    /// or, when the exporter took it, a new one.
+    /// Before the thread writes to its batch: its parked batch back, or, when the exporter took
+    /// it, a new one.
     #[inline]
     fn resume(&mut self) {
         if self.parked {
@@ -1140,6 +1140,8 @@ impl SpanBuilder {
         let Some(mut local) = (unsafe { local() }) else {
             return EnteredSpan { data: None };
         };
+        // A scope may be current with the batch still parked (see `push_frame`).
+        local.resume();
         reserve_one(&mut local.batch.records);
         reserve_one(&mut local.stack);
         let Some(top) = local.stack.last() else {
@@ -1444,7 +1446,8 @@ impl Entered {
 /// Makes a span of `trace` current on this thread (entering a [`Span`], a `tracing` span).
 pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
     with_local(|local| {
-        local.resume();
+        // The batch stays parked until a record is written: a scope that starts no span (a
+        // server layer's `call` often) leaves nothing to take back and park again.
         let sampled = trace.sampled;
         let trace = local.scoped_entry(trace);
         local.stack.push(Frame {
