@@ -443,16 +443,10 @@ impl Local {
     /// ring slot, a buffer (often a fresh one) and the exporter's work on a batch of a few
     /// spans.
     fn leave(&mut self) {
-        if self.batch.records.is_empty() {
-            self.clear_traces();
+        if self.agent_for_batch().is_none() {
             return;
         }
-        let Some(agent) = agent::get() else {
-            self.batch.clear_records();
-            self.clear_traces();
-            return;
-        };
-        let ring = self.ring.get_or_insert_with(|| agent.new_ring());
+        let ring = self.ring.as_ref().expect("made by agent_for_batch");
         let mut parked = self.park_box.take().unwrap_or_default();
         std::mem::swap(&mut *parked, &mut self.batch);
         ring.park(parked);
@@ -587,17 +581,27 @@ impl Local {
         self.batch.record_mut(frame.record)
     }
 
-    fn hand_off(&mut self) {
+    /// The agent, with this thread's ring made, when the batch has records for it; otherwise
+    /// the batch is emptied and `None`.
+    fn agent_for_batch(&mut self) -> Option<&'static agent::Agent> {
         if self.batch.records.is_empty() {
             self.clear_traces();
-            return;
+            return None;
         }
         let Some(agent) = agent::get() else {
             self.batch.clear_records();
             self.clear_traces();
+            return None;
+        };
+        self.ring.get_or_insert_with(|| agent.new_ring());
+        Some(agent)
+    }
+
+    fn hand_off(&mut self) {
+        let Some(agent) = self.agent_for_batch() else {
             return;
         };
-        let ring = self.ring.get_or_insert_with(|| agent.new_ring());
+        let ring = self.ring.as_mut().expect("made by agent_for_batch");
         if !ring.has_room(self.batch.records.len()) {
             self.drop_finished(agent);
             return;
