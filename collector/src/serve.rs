@@ -72,6 +72,7 @@ impl Collector {
         let (spool, feed) = appender::start(&spool_dir, &config.spool, config.writer.queue_batches, metrics.clone())?;
         let writer_tasks = writer::start(
             store::writer_client(&url, database, &config.clickhouse),
+            database,
             &config.writer,
             &spool_dir,
             feed,

@@ -214,6 +214,7 @@ impl Ledger {
 /// all written. On a failing ClickHouse at that point they leave the rest in the spool.
 pub fn start(
     client: Client,
+    database: &str,
     config: &WriterConfig,
     spool_dir: &Path,
     feed: SpoolFeed,
@@ -227,10 +228,12 @@ pub fn start(
         metrics: metrics.clone(),
     });
     let draining = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(Writes::new(database));
     let mut tasks = JoinSet::new();
     tasks.spawn(
         Batcher {
             client: client.clone(),
+            writes: writes.clone(),
             reader: SpoolReader::new(spool_dir),
             jobs: jobs_tx,
             config: config.clone(),
@@ -245,6 +248,7 @@ pub fn start(
     for _ in 0..config.inserters {
         tasks.spawn(inserter(
             client.clone(),
+            writes.clone(),
             jobs_rx.clone(),
             config.max_attempts,
             metrics.clone(),
@@ -274,6 +278,7 @@ struct Pending {
 
 struct Batcher {
     client: Client,
+    writes: Arc<Writes>,
     reader: SpoolReader,
     jobs: mpsc::Sender<InsertJob>,
     config: WriterConfig,
@@ -295,6 +300,9 @@ impl Batcher {
         let mut next = recovered.written_through.saturating_add(1);
         let replay_until = recovered.last_seq.unwrap_or(0);
         let ledger = if replay_until >= next {
+            // An INSERT of the process before (killed, or timed out) may still be running on
+            // the server: its ledger row comes with its end.
+            self.writes.wait_for_running(&self.client, "").await;
             self.load_ledger(next, replay_until).await
         } else {
             Ledger::default()
@@ -492,6 +500,7 @@ fn is_transient(error: &clickhouse::error::Error) -> bool {
 
 async fn inserter(
     client: Client,
+    writes: Arc<Writes>,
     jobs: Arc<Mutex<mpsc::Receiver<InsertJob>>>,
     max_attempts: u32,
     metrics: Arc<Metrics>,
@@ -509,12 +518,16 @@ async fn inserter(
         let (table, rows) = (job.rows.table(), job.rows.len());
         let label = TableLabel { table };
         let mut attempt = 0;
+        let mut query_id = String::new();
         let done = loop {
             attempt += 1;
             // Any failed attempt may have reached ClickHouse (a connection lost after the rows
             // were taken, a server stopped after its commit): before trying again, ask the
             // ledger, and do not insert until it can answer.
             if attempt > 1 && job.rows.ledgered() {
+                // The attempt before may still be running on the server (our side timed out):
+                // the ledger can only answer for it once it has ended.
+                writes.wait_for_running(&client, &query_id).await;
                 match in_ledger(&client, table, job.range).await {
                     Ok(true) => {
                         metrics.written_rows.get_or_create(&label).inc_by(rows as u64);
@@ -543,7 +556,8 @@ async fn inserter(
                 }
             }
             let started = std::time::Instant::now();
-            let Err(e) = insert(&client, &job.rows, job.range).await else {
+            query_id = writes.next_query_id();
+            let Err(e) = insert(&client, &job.rows, job.range, &query_id).await else {
                 metrics
                     .insert_duration_seconds
                     .get_or_create(&label)
@@ -586,6 +600,85 @@ async fn inserter(
     }
 }
 
+/// Names this writer's INSERTs (`query_id`) so that one still running on the server can be
+/// waited for. A collector killed mid-INSERT, or an attempt whose client gave up, leaves
+/// ClickHouse finishing the INSERT, and its ledger row appears only at its end: a ledger read
+/// before then says "not written" and the batch is written twice (a CI run of `durability`
+/// stored 10,800 spans twice after a `kill -9`).
+struct Writes {
+    /// `sightline-write-<database>-`: shared by every collector process writing there.
+    prefix: String,
+    /// This process's part of the ids (ids must differ from any still running).
+    run: u64,
+    next: AtomicU64,
+}
+
+/// How long a replay or a retry waits for an INSERT still running before it reads the ledger
+/// anyway (the INSERT's own timeout is 60 s).
+const RUNNING_WAIT: Duration = Duration::from_secs(120);
+
+impl Writes {
+    fn new(database: &str) -> Self {
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Self {
+            prefix: format!("sightline-write-{database}-"),
+            run,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next_query_id(&self) -> String {
+        format!(
+            "{}{}-{}",
+            self.prefix,
+            self.run,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Waits while the INSERT `query_id` (or, with "", any INSERT of this database's writers)
+    /// runs on the server. Returns at once if the server cannot say: then nothing of ours can
+    /// be running there once it answers again (a restarted server ended its queries).
+    async fn wait_for_running(&self, client: &Client, query_id: &str) {
+        let deadline = Instant::now() + RUNNING_WAIT;
+        let mut told = false;
+        loop {
+            let running = if query_id.is_empty() {
+                client
+                    .query("SELECT count() FROM system.processes WHERE position(query_id, ?) = 1")
+                    .bind(self.prefix.as_str())
+            } else {
+                client
+                    .query("SELECT count() FROM system.processes WHERE query_id = ?")
+                    .bind(query_id)
+            }
+            .fetch_one::<u64>()
+            .await;
+            match running {
+                Ok(0) | Err(_) => return,
+                Ok(n) if Instant::now() >= deadline => {
+                    warn!(
+                        running = n,
+                        "INSERTs still running on ClickHouse; reading the write ledger anyway"
+                    );
+                    return;
+                }
+                Ok(n) => {
+                    if !std::mem::replace(&mut told, true) {
+                        info!(
+                            running = n,
+                            "waiting for INSERTs still running on ClickHouse before reading the write ledger"
+                        );
+                    }
+                    sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
 /// Whether the ledger records `range` as written to `table`.
 async fn in_ledger(client: &Client, table: &str, range: BatchRange) -> clickhouse::error::Result<bool> {
     client
@@ -604,12 +697,13 @@ const INSERT_TIMEOUT: Option<Duration> = Some(Duration::from_secs(60));
 /// block: the views of ledgered tables write nothing of a block with fewer rows than the INSERT
 /// says it has (`schema.rs`, `WHOLE_INSERT`), so an INSERT is applied whole or not at all.
 macro_rules! insert_rows {
-    ($client:expr, $table:expr, $row:ty, $len:expr, $rows:expr) => {{
+    ($client:expr, $query_id:expr, $table:expr, $row:ty, $len:expr, $rows:expr) => {{
         let len = $len.max(1).to_string();
         let mut insert = $client
             .insert::<$row>($table)
             .await?
             .with_timeouts(INSERT_TIMEOUT, INSERT_TIMEOUT)
+            .with_setting("query_id", $query_id)
             .with_setting("max_insert_block_size", len.clone())
             .with_setting("min_insert_block_size_rows", len)
             .with_setting("min_insert_block_size_bytes", "0");
@@ -620,7 +714,7 @@ macro_rules! insert_rows {
     }};
 }
 
-async fn insert(client: &Client, rows: &Rows, range: BatchRange) -> clickhouse::error::Result<()> {
+async fn insert(client: &Client, rows: &Rows, range: BatchRange, query_id: &str) -> clickhouse::error::Result<()> {
     let len = rows.len();
     let tag = InsertTag {
         range,
@@ -629,6 +723,7 @@ async fn insert(client: &Client, rows: &Rows, range: BatchRange) -> clickhouse::
     match rows {
         Rows::Spans(spans) => insert_rows!(
             client,
+            query_id,
             "spans_input",
             SpanRow<'_>,
             len,
@@ -636,6 +731,7 @@ async fn insert(client: &Client, rows: &Rows, range: BatchRange) -> clickhouse::
         ),
         Rows::Latency(rows) => insert_rows!(
             client,
+            query_id,
             "latency_1m_input",
             LatencyRow<'_>,
             len,
@@ -643,6 +739,7 @@ async fn insert(client: &Client, rows: &Rows, range: BatchRange) -> clickhouse::
         ),
         Rows::FineLatency(rows) => insert_rows!(
             client,
+            query_id,
             "latency_10s_input",
             FineLatencyRow<'_>,
             len,
@@ -650,6 +747,7 @@ async fn insert(client: &Client, rows: &Rows, range: BatchRange) -> clickhouse::
         ),
         Rows::Edges(rows) => insert_rows!(
             client,
+            query_id,
             "edges_1m_input",
             EdgeRow<'_>,
             len,
@@ -657,13 +755,14 @@ async fn insert(client: &Client, rows: &Rows, range: BatchRange) -> clickhouse::
         ),
         Rows::Stages(rows) => insert_rows!(
             client,
+            query_id,
             "stages_1m_input",
             StageRow<'_>,
             len,
             rows.iter().map(|(k, v)| StageRow::new(k, v, tag))
         ),
-        Rows::Heartbeats(rows) => insert_rows!(client, "agent_heartbeats", HeartbeatRow, len, rows),
-        Rows::Inflight(rows) => insert_rows!(client, "inflight", InflightRow, len, rows),
+        Rows::Heartbeats(rows) => insert_rows!(client, query_id, "agent_heartbeats", HeartbeatRow, len, rows),
+        Rows::Inflight(rows) => insert_rows!(client, query_id, "inflight", InflightRow, len, rows),
     }
 }
 
