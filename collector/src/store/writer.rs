@@ -639,8 +639,9 @@ impl Writes {
     }
 
     /// Waits while the INSERT `query_id` (or, with "", any INSERT of this database's writers)
-    /// runs on the server. Returns at once if the server cannot say: then nothing of ours can
-    /// be running there once it answers again (a restarted server ended its queries).
+    /// runs on the server. Returns at once if the server does not answer, as the callers'
+    /// ledger reads then wait (or, shutting down, leave the rows in the spool); a server that
+    /// restarted ended the queries it was running.
     async fn wait_for_running(&self, client: &Client, query_id: &str) {
         let deadline = Instant::now() + RUNNING_WAIT;
         let mut told = false;
