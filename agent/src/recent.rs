@@ -16,22 +16,27 @@ impl<K: Copy + Eq, V: Copy, const N: usize> Recent<K, V, N> {
         }
     }
 
-    /// The first of the key's two slots, from `hash` (any mix of the key's parts).
-    fn slot(hash: u64) -> usize {
-        (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (u64::BITS - N.trailing_zeros())) as usize
+    /// The first of the key's two slots (a pair: the even slot and the one after it), from
+    /// `hash` (any mix of the key's parts). Keys whose hashes fall on either slot of a pair
+    /// share the pair: were the first slot the hash's own, a key put in the pair's odd slot
+    /// would push one in its even slot out, and two hot keys would take turns missing.
+    fn pair(hash: u64) -> usize {
+        (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (u64::BITS - N.trailing_zeros())) as usize & !1
     }
 
     pub(crate) fn get(&self, hash: u64, key: &K) -> Option<V> {
-        let slot = Self::slot(hash);
-        [slot, slot ^ 1]
-            .into_iter()
-            .find_map(|at| self.slots[at].filter(|(seen, _)| seen == key).map(|(_, value)| value))
+        let pair = Self::pair(hash);
+        // Compared in place: copying a slot out first (`Option::filter`) moved the whole key.
+        [pair, pair + 1].into_iter().find_map(|at| match &self.slots[at] {
+            Some((seen, value)) if seen == key => Some(*value),
+            _ => None,
+        })
     }
 
-    /// Keeps `key` in its first slot; what was there moves to the second.
+    /// Keeps `key` first in its pair; what was first moves second, the second goes.
     pub(crate) fn put(&mut self, hash: u64, key: K, value: V) {
-        let slot = Self::slot(hash);
-        self.slots[slot ^ 1] = self.slots[slot].replace((key, value));
+        let pair = Self::pair(hash);
+        self.slots[pair + 1] = self.slots[pair].replace((key, value));
     }
 
     pub(crate) fn clear(&mut self) {
@@ -62,6 +67,26 @@ mod tests {
             (None, Some(20), Some(30))
         );
         assert_eq!(recent.get(8, &4), None);
+        recent.clear();
+        assert_eq!(recent.get(7, &3), None);
+        // Hashes whose slots are the two of one pair: the keys share the pair and both stay.
+        let (mut even, mut odd) = (None, None);
+        for hash in 0..10_000u64 {
+            let slot = (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize;
+            match slot {
+                4 => even = even.or(Some(hash)),
+                5 => odd = odd.or(Some(hash)),
+                _ => {}
+            }
+        }
+        let (even, odd) = (even.unwrap(), odd.unwrap());
+        recent.put(even, 1, 10);
+        recent.put(odd, 2, 20);
+        assert_eq!((recent.get(even, &1), recent.get(odd, &2)), (Some(10), Some(20)));
+        recent.put(even, 1, 11);
+        recent.put(odd, 3, 30);
+        assert_eq!(recent.get(odd, &2), None, "the older of the pair goes");
+        assert_eq!((recent.get(even, &1), recent.get(odd, &3)), (Some(11), Some(30)));
         recent.clear();
         assert_eq!(recent.get(7, &3), None);
     }

@@ -359,6 +359,15 @@ struct Local {
     park_box: Option<Box<Batch>>,
 }
 
+/// A scope entered on an empty stack and not yet pushed (see [`enter_scope`]): its span's id
+/// and trace. The trace is the [`Span`]'s, which outlives the scope (the scope's end, [`pop`],
+/// clears it, on unwinding too).
+#[derive(Clone, Copy)]
+struct PendingScope {
+    span_id: u64,
+    trace: NonNull<TraceCtx>,
+}
+
 impl Local {
     /// Empty: a `const` thread-local needs no lazy set-up on every access.
     const fn new() -> Self {
@@ -377,6 +386,35 @@ impl Local {
             parked: false,
             park_box: None,
         }
+    }
+
+    /// Pushes the pending scope, if any, before the stack is read or changed.
+    #[inline]
+    fn settle(&mut self) {
+        if let Some(pending) = PENDING.with(Cell::take) {
+            // SAFETY: from `Arc::as_ptr` of the scope's span's trace, alive while the scope is
+            // pending (see `PendingScope`); borrowed without touching its count.
+            let trace = std::mem::ManuallyDrop::new(unsafe { Arc::from_raw(pending.trace.as_ptr()) });
+            self.push_scope(pending.span_id, &trace);
+        }
+    }
+
+    /// A frame for a span made current for a while (a scope): its data stays with its guard.
+    fn push_scope(&mut self, span_id: u64, trace: &Arc<TraceCtx>) {
+        // The batch stays parked until a record is written: a scope that starts no span leaves
+        // nothing to take back and park again.
+        let sampled = trace.sampled;
+        let trace = self.scoped_entry(trace);
+        self.stack.push(Frame {
+            span_id,
+            sampled,
+            // The span's own guard does its end.
+            at_end: AtEnd::Nothing,
+            record: NO_RECORD,
+            trace: NonNull::from(&*trace),
+            owner: Some(trace),
+        });
+        self.sync_top();
     }
 
     /// A span id (never 0).
@@ -729,6 +767,7 @@ impl Local {
 impl Drop for Local {
     fn drop(&mut self) {
         // The thread is ending: what it buffered still goes.
+        let _ = PENDING.try_with(|pending| pending.set(None));
         self.stack.clear();
         let _ = TOP.try_with(|top| top.set(Top::None));
         self.resume();
@@ -741,6 +780,12 @@ thread_local! {
     /// What the top of this thread's stack is, readable without touching [`LOCAL`]: a plain
     /// thread-local byte makes the unsampled path a single load.
     static TOP: Cell<Top> = const { Cell::new(Top::None) };
+    /// A scope not yet pushed. Most scopes start no span (a server layer's `call`, a poll that
+    /// finds nothing ready), and pushing and popping a frame for them was ~200 instructions a
+    /// request. Only while the stack is empty; [`TOP`] is then [`Top::Pending`], and whatever
+    /// reads or changes the stack pushes it first ([`Local::settle`]). Beside [`LOCAL`], not in
+    /// it: a field there changed the code of every span's start and end (+10 instructions).
+    static PENDING: Cell<Option<PendingScope>> = const { Cell::new(None) };
 }
 
 /// Trace contexts a thread keeps for reuse.
@@ -820,10 +865,21 @@ impl LocalCell {
     }
 }
 
-/// Runs `f` on this thread's [`Local`], `None` once it is gone (the thread is ending). `f` must
-/// not reach it again (see [`LocalCell`]).
+/// Runs `f` on this thread's [`Local`], `None` once it is gone (the thread is ending), with a
+/// pending scope pushed first. `f` must not reach it again (see [`LocalCell`]).
 #[inline(always)]
 fn with_local<R>(f: impl FnOnce(&mut Local) -> R) -> Option<R> {
+    with_local_unsettled(|local| {
+        local.settle();
+        f(local)
+    })
+}
+
+/// [`with_local`] leaving a pending scope pending: for what neither reads nor changes the stack
+/// below its top, or cannot run while a scope is pending (an entered span's end: it was entered
+/// on a stack that was not empty).
+#[inline(always)]
+fn with_local_unsettled<R>(f: impl FnOnce(&mut Local) -> R) -> Option<R> {
     // SAFETY: the reference lives only within this call.
     unsafe { local() }.map(|mut local| f(&mut local))
 }
@@ -889,6 +945,8 @@ enum Top {
     None,
     Sampled,
     Unsampled,
+    /// A scope is pending (see [`PENDING`]); the stack is empty.
+    Pending,
 }
 
 /// Describes a span before it starts. Made by [`crate::transaction`] and [`crate::span`].
@@ -1093,6 +1151,8 @@ impl SpanBuilder {
                     return EnteredSpan { data: None };
                 }
                 Top::None => {}
+                // Sampled, a call out in an unsampled trace, or a scope pending (pushed by
+                // `enter_child` on finding the stack empty).
                 _ => {
                     let SpanBuilder {
                         operation,
@@ -1149,7 +1209,9 @@ impl SpanBuilder {
         reserve_one(&mut local.batch.records);
         reserve_one(&mut local.stack);
         let Some(top) = local.stack.last() else {
-            return EnteredSpan { data: None };
+            // `Top::Pending`: the scope goes on the stack first.
+            drop(local);
+            return Self::enter_under_pending(operation, kind, component, peer);
         };
         let (parent_span_id, trace_ptr, sampled) = (top.span_id, top.trace, top.sampled);
         // SAFETY: a frame on the stack owns it (see `Frame::owner`), and the new frame stays
@@ -1203,6 +1265,17 @@ impl SpanBuilder {
         EnteredSpan {
             data: Some(Entered::new(span_id, sampled)),
         }
+    }
+
+    /// [`SpanBuilder::enter_child`] inside a pending scope: the scope is pushed first. (The
+    /// first span of a poll comes here: not cold.)
+    #[inline(never)]
+    fn enter_under_pending(operation: Name, kind: Kind, component: Name, peer: Name) -> EnteredSpan {
+        if PENDING.get().is_none() {
+            return EnteredSpan { data: None };
+        }
+        with_local(|_| {});
+        Self::enter_child(operation, kind, component, peer)
     }
 
     fn entered_other(self) -> EnteredSpan {
@@ -1283,10 +1356,9 @@ impl Span {
     /// Runs `f` with this span current on this thread: spans started inside are its children.
     pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
         let Some(data) = &self.data else { return f() };
-        push_frame(data.record.span_id, &data.trace);
-        let result = f();
-        pop(data.record.span_id);
-        result
+        enter_scope(data.record.span_id, &data.trace);
+        let _exit = ScopeExit(data.record.span_id);
+        f()
     }
 
     /// Polls through `poll` with the span in `slot` current; when the poll is ready, `on_ready`
@@ -1299,18 +1371,15 @@ impl Span {
         on_ready: impl FnOnce(&mut Span, &T),
     ) -> std::task::Poll<T> {
         // A disabled span (agent off, trace not recorded) makes no scope.
-        let scope = slot.as_ref().and_then(|span| span.data.as_ref()).map(|data| {
-            push_frame(data.record.span_id, &data.trace);
-            data.record.span_id
+        let _exit = slot.as_ref().and_then(|span| span.data.as_ref()).map(|data| {
+            enter_scope(data.record.span_id, &data.trace);
+            ScopeExit(data.record.span_id)
         });
         let result = poll();
         if let std::task::Poll::Ready(output) = &result {
             if let Some(mut span) = slot.take() {
                 on_ready(&mut span, output);
             }
-        }
-        if let Some(span_id) = scope {
-            pop(span_id);
         }
         result
     }
@@ -1331,7 +1400,8 @@ impl Drop for Span {
             return;
         };
         record.end(&trace, clock::now_raw());
-        with_local(|local| {
+        // A pending scope stays so: a record written leaves the stack as it is.
+        with_local_unsettled(|local| {
             local.resume();
             let slot = local.slot_of(&trace);
             local.push_record(Record { trace: slot, ..record });
@@ -1439,7 +1509,8 @@ impl Entered {
     #[inline(always)]
     fn close(self) {
         let end_raw = clock::now_raw();
-        with_local(|local| {
+        with_local_unsettled(|local| {
+            debug_assert!(PENDING.get().is_none(), "an entered span's end with a scope pending");
             if !local.close_top(self.span_id, end_raw) {
                 local.close(self.span_id, end_raw);
             }
@@ -1448,34 +1519,55 @@ impl Entered {
 }
 
 /// Makes a span of `trace` current on this thread (entering a [`Span`], a `tracing` span).
+#[cfg_attr(not(feature = "tracing-layer"), allow(dead_code))]
 pub(crate) fn push_frame(span_id: u64, trace: &Arc<TraceCtx>) {
-    with_local(|local| {
-        // The batch stays parked until a record is written: a scope that starts no span (a
-        // server layer's `call` often) leaves nothing to take back and park again.
-        let sampled = trace.sampled;
-        let trace = local.scoped_entry(trace);
-        local.stack.push(Frame {
-            span_id,
-            sampled,
-            // The span's own guard does its end.
-            at_end: AtEnd::Nothing,
-            record: NO_RECORD,
-            trace: NonNull::from(&*trace),
-            owner: Some(trace),
-        });
-        local.sync_top();
+    with_local(|local| local.push_scope(span_id, trace));
+}
+
+/// Makes the span `span_id` of `trace` current until [`pop`], as [`push_frame`] does, but on an
+/// empty stack only notes it: a frame is pushed when something reads or changes the stack (see
+/// [`PENDING`]). `trace` must stay alive until the `pop`.
+pub(crate) fn enter_scope(span_id: u64, trace: &Arc<TraceCtx>) {
+    with_local_unsettled(|local| {
+        if local.stack.is_empty() && PENDING.get().is_none() {
+            PENDING.set(Some(PendingScope {
+                span_id,
+                trace: NonNull::from(&**trace),
+            }));
+            TOP.with(|top| top.set(Top::Pending));
+        } else {
+            local.settle();
+            local.push_scope(span_id, trace);
+        }
     });
 }
 
 /// Removes `span_id` from this thread's stack (normally the top); parks the buffer when the
 /// thread leaves instrumented code.
 pub(crate) fn pop(span_id: u64) {
-    with_local(|local| {
+    with_local_unsettled(|local| {
+        if PENDING.get().is_some_and(|p| p.span_id == span_id) {
+            // Never pushed: nothing was started or read in the scope.
+            PENDING.set(None);
+            TOP.with(|top| top.set(Top::None));
+            return;
+        }
+        local.settle();
         local.remove_frame(span_id);
         if local.stack.is_empty() {
             local.after_end();
         }
     });
+}
+
+/// Ends a scope at [`pop`] when dropped: on unwinding too, so that no pending scope outlives
+/// its span.
+struct ScopeExit(u64);
+
+impl Drop for ScopeExit {
+    fn drop(&mut self) {
+        pop(self.0);
+    }
 }
 
 /// The context to propagate: the current span on this thread.
@@ -1507,7 +1599,7 @@ mod tests {
     }
 
     fn frames() -> Vec<(u64, bool)> {
-        with_local(|l| l.stack.iter().map(|f| (f.span_id, f.owner.is_some())).collect()).unwrap()
+        with_local_unsettled(|l| l.stack.iter().map(|f| (f.span_id, f.owner.is_some())).collect()).unwrap()
     }
 
     #[test]
@@ -1536,6 +1628,62 @@ mod tests {
         assert_eq!(inner.business_transaction().as_deref(), Some("Reorder"));
         drop(inner);
         assert!(frames().is_empty());
+    }
+
+    fn pending() -> Option<u64> {
+        PENDING.get().map(|p| p.span_id)
+    }
+
+    #[test]
+    fn a_scope_pushes_its_frame_only_when_a_span_starts_inside_it() {
+        agent_running();
+        let request = crate::transaction("Scoped").start();
+        let request_id = request.data.as_ref().unwrap().record.span_id;
+        // Nothing started inside: no frame pushed, nothing current after.
+        request.in_scope(|| {
+            assert_eq!(pending(), Some(request_id));
+            assert!(frames().is_empty(), "a scope starting nothing pushes no frame");
+        });
+        assert_eq!(pending(), None);
+        assert!(TOP.get() == Top::None);
+        // An entered child: the scope's frame goes first, and the child is the scope's span's.
+        request.in_scope(|| {
+            let child = crate::span("child").client("cache", "redis").entered();
+            assert_eq!(pending(), None);
+            assert_eq!(frames().iter().map(|f| f.0).next(), Some(request_id));
+            let parent = with_local(|l| {
+                let frame = l.stack.last().unwrap();
+                l.batch.records[frame.record as usize].parent_span_id
+            });
+            assert_eq!(parent, Some(request_id));
+            assert_eq!(child.business_transaction().as_deref(), Some("Scoped"));
+        });
+        assert!(frames().is_empty());
+        // A started child and the context to propagate see the scope's span too.
+        request.in_scope(|| {
+            let started = crate::span("started").start();
+            assert_eq!(started.data.as_ref().unwrap().record.parent_span_id, request_id);
+            assert_eq!(current_context().map(|c| c.span_id), Some(request_id));
+        });
+        assert!(frames().is_empty());
+        assert_eq!(pending(), None);
+    }
+
+    #[test]
+    fn a_scope_left_by_a_panic_leaves_nothing_current() {
+        agent_running();
+        let request = crate::transaction("Unwound").start();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            request.in_scope(|| panic!("handler failed"));
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(pending(), None);
+        assert!(frames().is_empty());
+        assert!(TOP.get() == Top::None);
+        drop(request);
+        // The next transaction starts a trace of its own.
+        let next = crate::transaction("After").entered();
+        assert_eq!(next.business_transaction().as_deref(), Some("After"));
     }
 
     /// An attribute value whose formatting starts a span of its own.

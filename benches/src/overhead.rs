@@ -20,7 +20,9 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use rand::{rngs::StdRng, SeedableRng};
 use sightline_benches::{collector_binary, cpu_seconds, data_dir_env, rss_mib, thread_cpu_seconds, CollectorProcess};
+use sightline_compare::stats::{block_bootstrap, BlockHistograms};
 use sightline_proto::v1::{agent_message, agent_server, collector_message, Ack, AgentMessage, CollectorMessage};
 
 #[derive(Parser)]
@@ -63,6 +65,13 @@ struct Args {
     /// service by other means, e.g. instruction counts under callgrind; benches/README.md).
     #[arg(long)]
     serve_sink: Option<std::net::SocketAddr>,
+    /// Run every mode's service at once and move the load from one to the next every this
+    /// many milliseconds (a round: one slice per mode, the order rotated each round), instead
+    /// of one service after another for `--seconds` each. Every mode then sees the same
+    /// minutes of this shared machine; the ratios to bare come with 95% intervals from a
+    /// bootstrap over rounds. `--rounds` counts rounds; `--warmup` warms each service first.
+    #[arg(long)]
+    interleave_ms: Option<u64>,
 }
 
 /// The `sightline.v1` service at its smallest: every batch acknowledged, nothing kept.
@@ -137,9 +146,8 @@ struct Outcome {
 }
 
 /// Open-loop load: request i is sent at start + i/rate; its latency counts from its send.
-async fn load(url: &str, rate: u64, duration: Duration) -> (Vec<u64>, u64) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let total = rate * duration.as_secs();
+async fn load(client: &HttpClient, url: &str, rate: u64, duration: Duration) -> (Vec<u64>, u64) {
+    let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
@@ -165,7 +173,15 @@ async fn load(url: &str, rate: u64, duration: Duration) -> (Vec<u64>, u64) {
     (latencies, errors)
 }
 
-async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::Result<Outcome> {
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Starts `hello-service` (with the agent sending to `collector`, if given) and waits until it
+/// answers; the process and its URL.
+async fn start_service(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::Result<(Service, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut command = match args.service_cpu {
         Some(cpu) => {
@@ -189,18 +205,19 @@ async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::
     let service = Service(command.spawn()?);
     let url = format!("http://127.0.0.1:{port}");
     let ready = Instant::now();
-    while Client::builder(TokioExecutor::new())
-        .build_http::<Full<Bytes>>()
-        .get(format!("{url}/users/1").parse()?)
-        .await
-        .is_err()
-    {
+    while http_client().get(format!("{url}/users/1").parse()?).await.is_err() {
         if ready.elapsed() > Duration::from_secs(30) {
             bail!("service did not start");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    load(&url, args.rate, Duration::from_secs(args.warmup)).await;
+    Ok((service, url))
+}
+
+async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::Result<Outcome> {
+    let (service, url) = start_service(binary, collector, args).await?;
+    let client = http_client();
+    load(&client, &url, args.rate, Duration::from_secs(args.warmup)).await;
     let cpu = cpu_seconds(service.0.id());
     let exporter_cpu = thread_cpu_seconds(service.0.id(), EXPORTER_THREAD);
     let started = Instant::now();
@@ -216,7 +233,7 @@ async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::
             }
         }
     });
-    let (mut latencies, errors) = load(&url, args.rate, Duration::from_secs(args.seconds)).await;
+    let (mut latencies, errors) = load(&client, &url, args.rate, Duration::from_secs(args.seconds)).await;
     let cpu_cores = (cpu_seconds(service.0.id()) - cpu) / started.elapsed().as_secs_f64();
     let exporter_cores =
         (thread_cpu_seconds(service.0.id(), EXPORTER_THREAD) - exporter_cpu) / started.elapsed().as_secs_f64();
@@ -257,6 +274,132 @@ fn median(outcomes: &[Outcome]) -> Outcome {
         rss_peak_mib: of(|o| o.rss_peak_mib),
         rss_end_mib: of(|o| o.rss_end_mib),
     }
+}
+
+/// Latencies on a shared axis for the bootstrap: exact to 1 ms, three significant digits above
+/// (the axis stays short however long the tail).
+fn latency_bucket(micros: u64) -> u64 {
+    let mut scale = 1;
+    while micros / scale >= 1000 {
+        scale *= 10;
+    }
+    micros / scale * scale
+}
+
+/// Every mode's service at once, the load moved between them slice by slice (see
+/// `--interleave-ms`).
+async fn interleaved(
+    binary: &PathBuf,
+    modes: &[(&str, Option<&str>)],
+    slice: Duration,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let mut services = Vec::new();
+    for (_, collector) in modes {
+        services.push(start_service(binary, *collector, args).await?);
+    }
+    let clients: Vec<HttpClient> = modes.iter().map(|_| http_client()).collect();
+    for ((_, url), client) in services.iter().zip(&clients) {
+        load(client, url, args.rate, Duration::from_secs(args.warmup)).await;
+    }
+    let cpu_now = || -> Vec<f64> {
+        // Every thread's run time in ns (`schedstat`): /proc/<pid>/stat's 10-ms ticks are too
+        // coarse for a slice.
+        services.iter().map(|(s, _)| thread_cpu_seconds(s.0.id(), "")).collect()
+    };
+    let rounds = args.rounds.max(2);
+    // Per mode, per round: the sparse latency histogram of its slice, and its process's CPU
+    // over the whole round (work the agent's exporter does after its slice included).
+    let mut histograms: Vec<Vec<Vec<(u64, u64)>>> = vec![Vec::new(); modes.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut requests: Vec<u64> = vec![0; modes.len()];
+    let mut errors = 0;
+    for round in 0..rounds {
+        let before = cpu_now();
+        let mut p99 = vec![0; modes.len()];
+        for k in 0..modes.len() {
+            let m = (round + k) % modes.len();
+            let (mut latencies, failed) = load(&clients[m], &services[m].1, args.rate, slice).await;
+            errors += failed;
+            requests[m] += latencies.len() as u64;
+            latencies.sort_unstable();
+            p99[m] = latencies.get(latencies.len() * 99 / 100).copied().unwrap_or(0);
+            let mut sparse: Vec<(u64, u64)> = Vec::new();
+            for micros in latencies {
+                let bucket = latency_bucket(micros);
+                match sparse.last_mut() {
+                    Some((last, count)) if *last == bucket => *count += 1,
+                    _ => sparse.push((bucket, 1)),
+                }
+            }
+            histograms[m].push(sparse);
+        }
+        let after = cpu_now();
+        for m in 0..modes.len() {
+            cpu[m].push(after[m] - before[m]);
+        }
+        println!(
+            "  round {:3}  p99 {}  CPU {}",
+            round + 1,
+            modes
+                .iter()
+                .zip(&p99)
+                .map(|((name, _), p)| format!("{name} {p:6} us"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            modes
+                .iter()
+                .enumerate()
+                .map(|(m, (name, _))| format!("{name} {:.1} ms", cpu[m][round] * 1e3))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut axis: Vec<u64> = histograms.iter().flatten().flatten().map(|&(b, _)| b).collect();
+    axis.sort_unstable();
+    axis.dedup();
+    let pooled: Vec<BlockHistograms> = histograms
+        .iter()
+        .map(|blocks| BlockHistograms::new(axis.clone(), &blocks.iter().map(Vec::as_slice).collect::<Vec<_>>()))
+        .collect();
+    let all: Vec<usize> = (0..rounds).collect();
+    let quantile = |m: usize, blocks: &[usize], q: f64| pooled[m].quantile(blocks, q).unwrap_or(0) as f64;
+    let cpu_of = |m: usize, blocks: &[usize]| blocks.iter().map(|&r| cpu[m][r]).sum::<f64>();
+    println!(
+        "  {rounds} rounds of {} ms a mode at {} requests/s, {errors} errors",
+        slice.as_millis(),
+        args.rate
+    );
+    for (m, (name, _)) in modes.iter().enumerate() {
+        println!(
+            "  {name:6}  p50 {:5.0} us  p90 {:5.0} us  p99 {:6.0} us  CPU {:.1} us a request",
+            quantile(m, &all, 0.5),
+            quantile(m, &all, 0.9),
+            quantile(m, &all, 0.99),
+            cpu_of(m, &all) / requests[m].max(1) as f64 * 1e6
+        );
+    }
+    // Rounds resampled whole and the same rounds for both modes: a round's minutes of this
+    // machine are shared by its slices, which is what makes the modes comparable.
+    let mut rng = StdRng::seed_from_u64(7);
+    for (m, (name, _)) in modes.iter().enumerate().skip(1) {
+        let ratios = |statistic: &dyn Fn(&[usize]) -> f64, rng: &mut StdRng| {
+            let mut resampled = block_bootstrap(rounds, 2000, rng, |drawn| Some(statistic(drawn)));
+            resampled.sort_by(f64::total_cmp);
+            let at = |q: f64| resampled[((resampled.len() - 1) as f64 * q).round() as usize];
+            format!("{:+.1}% [{:+.1}%, {:+.1}%]", statistic(&all), at(0.025), at(0.975))
+        };
+        let p99 = |drawn: &[usize]| (quantile(m, drawn, 0.99) / quantile(0, drawn, 0.99) - 1.0) * 100.0;
+        let p50 = |drawn: &[usize]| (quantile(m, drawn, 0.5) / quantile(0, drawn, 0.5) - 1.0) * 100.0;
+        let cpu = |drawn: &[usize]| (cpu_of(m, drawn) / cpu_of(0, drawn) - 1.0) * 100.0;
+        println!(
+            "  {name} / bare (95% interval): p99 {}, p50 {}, CPU {}",
+            ratios(&p99, &mut rng),
+            ratios(&p50, &mut rng),
+            ratios(&cpu, &mut rng)
+        );
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -315,6 +458,11 @@ async fn main() -> anyhow::Result<()> {
     ];
     if args.collector_absent_too {
         modes.push(("absent", Some(CLOSED_PORT)));
+    }
+    if let Some(slice_ms) = args.interleave_ms {
+        interleaved(&binary, &modes, Duration::from_millis(slice_ms), &args).await?;
+        drop(collector);
+        return Ok(());
     }
     let mut outcomes: Vec<Vec<Outcome>> = modes.iter().map(|_| Vec::new()).collect();
     for round in 1..=args.rounds.max(1) {
