@@ -15,6 +15,10 @@ struct Args {
     /// Spans per trace, the root included.
     #[arg(long, default_value_t = 100)]
     spans: u64,
+    /// Roots continue a trace whose caller did not sample it (as the bench's
+    /// `sightline_unsampled`): the children are the unsampled path.
+    #[arg(long)]
+    unsampled: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,8 +30,16 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     })?;
     let cpu_before = thread_cpu_ns();
+    let caller = args.unsampled.then_some(sightline::propagation::RemoteContext {
+        trace_id: 1,
+        parent_span_id: 1,
+        sampled: false,
+        bt: None,
+        caller_service: None,
+        caller_operation: None,
+    });
     for _ in 0..args.traces {
-        let _root = sightline::transaction("Login").entered();
+        let _root = sightline::transaction("Login").child_of(caller.clone()).entered();
         for _ in 1..args.spans {
             let _child = sightline::span("child").entered();
         }
