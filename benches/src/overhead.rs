@@ -4,7 +4,9 @@
 //! shared machine moved +-30%). Requests are sent open-loop on a fixed schedule, each in its own
 //! task, so a slow response never delays the next request; latency counts from the moment each
 //! request is sent (tokio's millisecond timer would otherwise add up to 1 ms of pacing slack to
-//! every figure). The service's CPU comes from /proc.
+//! every figure). The service's CPU comes from /proc. With `--interleave-ms`, every mode's
+//! service runs at once and the load moves between them slice by slice, so that the modes
+//! share the machine's noise and their ratios come with bootstrap intervals (benches/README.md).
 //!
 //! Run: cargo build --release -p sightline-collector -p sightline-examples -p sightline-benches \
 //!        && target/release/service-overhead
