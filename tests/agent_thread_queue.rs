@@ -22,28 +22,46 @@ async fn a_thread_outrunning_the_exporter_drops_finished_spans_and_keeps_open_on
     .unwrap();
 
     // Each trace: a root held open while 20,000 children are made in a tight loop (far more
-    // than the exporter takes between two of its 10 ms drains), then a pause so the root's
-    // own hand-off finds room.
+    // than the exporter takes between two of its drains). The next trace starts once this
+    // one's root is stored: a finished root waits for the exporter like any span, and one
+    // still waiting when the thread's next hand-off finds no room is dropped (counted), which
+    // a fixed pause could not rule out on a loaded machine.
     const TRACES: u64 = 5;
     const CHILDREN: u64 = 20_000;
-    std::thread::spawn(|| {
+    let (next, go) = std::sync::mpsc::channel::<()>();
+    let maker = std::thread::spawn(move || {
         for _ in 0..TRACES {
-            let _root = sightline::transaction("Import").operation("POST /import").entered();
-            for _ in 0..CHILDREN {
-                let _row = sightline::span("parse row").entered();
+            {
+                let _root = sightline::transaction("Import").operation("POST /import").entered();
+                for _ in 0..CHILDREN {
+                    let _row = sightline::span("parse row").entered();
+                }
             }
-            std::thread::sleep(Duration::from_millis(100));
+            if go.recv().is_err() {
+                break;
+            }
         }
-    })
-    .join()
-    .unwrap();
+    });
+    let ch = store::client(&config.clickhouse.url, &config.clickhouse.database, &config.clickhouse);
+    for trace in 1..=TRACES {
+        eventually(&format!("root {trace} stored"), Duration::from_secs(30), || async {
+            let roots: u64 = ch
+                .query("SELECT count() FROM spans WHERE service = 'importer' AND parent_span_id = 0")
+                .fetch_one()
+                .await
+                .unwrap();
+            (roots >= trace).then_some(())
+        })
+        .await;
+        next.send(()).unwrap();
+    }
+    maker.join().unwrap();
     let dropped = sightline::dropped_spans();
     assert!(
         dropped > 0 && dropped < TRACES * CHILDREN,
         "the thread outran the exporter: {dropped} dropped"
     );
 
-    let ch = store::client(&config.clickhouse.url, &config.clickhouse.database, &config.clickhouse);
     #[derive(clickhouse::Row, serde::Deserialize, Debug)]
     struct Stored {
         roots: u64,
