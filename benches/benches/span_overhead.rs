@@ -81,14 +81,7 @@ fn bench(c: &mut Criterion) {
                 }
             })
         });
-        let unsampled = sightline::propagation::RemoteContext {
-            trace_id: 1,
-            parent_span_id: 1,
-            sampled: false,
-            bt: None,
-            caller_service: None,
-            caller_operation: None,
-        };
+        let unsampled = sightline_benches::unsampled_caller();
         group.bench_with_input(BenchmarkId::new("sightline_unsampled", n), &n, |b, &n| {
             b.iter(|| {
                 let _root = sightline::transaction("Login")

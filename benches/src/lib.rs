@@ -17,6 +17,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A trace its caller did not sample, to continue at a root: the children under such a root
+/// are the agent's unsampled path (the span bench's `sightline_unsampled`, `span-loop
+/// --unsampled`).
+pub fn unsampled_caller() -> sightline::propagation::RemoteContext {
+    sightline::propagation::RemoteContext {
+        trace_id: 1,
+        parent_span_id: 1,
+        sampled: false,
+        bt: None,
+        caller_service: None,
+        caller_operation: None,
+    }
+}
+
 /// User + system CPU seconds of a process.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -30,14 +30,7 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     })?;
     let cpu_before = thread_cpu_ns();
-    let caller = args.unsampled.then_some(sightline::propagation::RemoteContext {
-        trace_id: 1,
-        parent_span_id: 1,
-        sampled: false,
-        bt: None,
-        caller_service: None,
-        caller_operation: None,
-    });
+    let caller = args.unsampled.then(sightline_benches::unsampled_caller);
     for _ in 0..args.traces {
         let _root = sightline::transaction("Login").child_of(caller.clone()).entered();
         for _ in 1..args.spans {
