@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Instructions per request of examples' hello-service, bare and with the agent exporting to an
+# Instructions per request of examples' hello-service, bare, with a layer that does nothing (what
+# axum's per-route layering costs any middleware), and with the agent exporting to an
 # acknowledging sink, counted by callgrind (all threads, after 300 warm-up requests). Counts do
 # not move with the machine's load, unlike CPU time: the agent's share is a stable figure.
 #
@@ -35,6 +36,7 @@ measure() {
   local mode=$1 port=$((20000 + RANDOM % 10000))
   local args=(--listen "127.0.0.1:$port")
   [ "$mode" = agent ] && args+=(--collector "http://127.0.0.1:$sink_port")
+  [ "$mode" = identity ] && args+=(--identity-layer)
   valgrind --tool=callgrind --separate-threads=yes --instr-atstart=no \
     --callgrind-out-file="$work/$mode.%p" "$bin/hello-service" "${args[@]}" 2> "$work/$mode.valgrind.log" &
   local pid=$!
@@ -57,7 +59,9 @@ measure() {
 }
 
 bare=$(measure bare)
+identity=$(measure identity)
 agent=$(measure agent)
-echo "instructions per request: bare $bare, agent $agent (+$(( (agent - bare) * 1000 / bare / 10 )).$(( (agent - bare) * 1000 / bare % 10 ))%)"
+percent() { echo "+$(( ($1 - bare) * 1000 / bare / 10 )).$(( ($1 - bare) * 1000 / bare % 10 ))%"; }
+echo "instructions per request: bare $bare, identity layer $identity ($(percent "$identity")), agent $agent ($(percent "$agent"))"
 echo "agent, per thread and request: $(for f in "$work"/agent.*-*; do
   awk -v n="$requests" '/^totals:/ {printf "%d ", $2 / n; exit}' "$f"; done)"

@@ -34,6 +34,11 @@ struct Args {
     /// How much slower: 1.15 = 15%.
     #[arg(long, default_value_t = 1.0)]
     db_slowdown: f64,
+    /// Without the agent, a layer that does nothing, put on the router as the agent's is: what
+    /// any per-route middleware costs in axum (a boxed clone of the route and a boxed future a
+    /// request), apart from what the agent's own layer does.
+    #[arg(long, conflicts_with = "collector")]
+    identity_layer: bool,
 }
 
 struct Database {
@@ -104,6 +109,8 @@ async fn main() -> anyhow::Result<()> {
                 _ => None,
             }),
         )
+    } else if args.identity_layer {
+        app.layer(tower::layer::util::Identity::new())
     } else {
         app
     };
