@@ -24,6 +24,12 @@ use crate::span::Batch;
 /// itself is 56 bytes a slot.
 const SPARE_BATCHES: usize = 1024;
 
+/// Spans waiting in a thread's ring that wake the exporter before its next flush: what it then
+/// does at once stays short (~0.3 ms at sampling 1.0), since the application's threads may
+/// share its core and wait behind it. A whole second of a busy service's spans at once showed
+/// as tail latency (service-overhead, p99 +33% at 2,000 requests/s).
+const WAKE_AT_SPANS: u64 = 512;
+
 pub(crate) struct Agent {
     service: String,
     pub(crate) version: String,
@@ -32,6 +38,8 @@ pub(crate) struct Agent {
     rings: Mutex<Vec<ExporterEnd>>,
     sampling_ratio_bits: AtomicU64,
     pub(crate) dropped_spans: AtomicU64,
+    /// Wakes the exporter before its next flush: a thread's ring is filling up.
+    pub(crate) exporter_wake: tokio::sync::Notify,
 }
 
 /// A thread's ends of its rings.
@@ -44,6 +52,11 @@ pub(crate) struct ThreadRing {
     /// Records the exporter took from this ring, ever (written by the exporter only).
     taken_records: Arc<AtomicU64>,
     queue_spans: u64,
+    /// Records waiting past which the exporter is woken before its next flush.
+    wake_at: u64,
+    /// `taken_records` when this thread last woke the exporter: once a drain, not once a
+    /// hand-off.
+    woke_at_taken: u64,
 }
 
 /// The exporter's ends of one thread's rings.
@@ -120,6 +133,19 @@ impl ThreadRing {
                 agent.count_dropped(&batch);
             }
         }
+        self.wake_if_filling(agent);
+    }
+
+    /// Wakes the exporter when a quarter of what may wait is waiting (or it is behind and
+    /// spans are being dropped): a thread that fills its ring faster than the flush interval
+    /// empties it is drained sooner, instead of dropping. The exporter's periodic wake-ups
+    /// stay few for every other thread: each costs more CPU than many spans.
+    pub(crate) fn wake_if_filling(&mut self, agent: &Agent) {
+        let taken = self.taken_records.load(Ordering::Acquire);
+        if self.sent_records - taken >= self.wake_at && self.woke_at_taken != taken {
+            self.woke_at_taken = taken;
+            agent.exporter_wake.notify_one();
+        }
     }
 }
 
@@ -151,6 +177,7 @@ impl Agent {
             rings: Mutex::new(Vec::new()),
             sampling_ratio_bits: AtomicU64::new(sampling_ratio.clamp(0.0, 1.0).to_bits()),
             dropped_spans: AtomicU64::new(0),
+            exporter_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -195,6 +222,8 @@ impl Agent {
             sent_records: 0,
             taken_records,
             queue_spans: self.queue_spans as u64,
+            wake_at: (self.queue_spans as u64 / 4).clamp(1, WAKE_AT_SPANS),
+            woke_at_taken: u64::MAX,
         }
     }
 

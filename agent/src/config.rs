@@ -44,7 +44,8 @@ pub struct Config {
     /// counted. Besides it, each application thread holds at most `queue_spans` spans waiting
     /// for the exporter.
     pub max_pending_bytes: usize,
-    /// How often the exporter sends what it has.
+    /// How often the exporter takes the threads' spans, folds them into RED and sends what it
+    /// has; sooner for a thread whose waiting spans pass a quarter of `queue_spans`.
     pub flush_interval: Duration,
     /// How often the agent says it is alive.
     pub heartbeat_interval: Duration,
@@ -67,8 +68,10 @@ impl Default for Config {
             queue_spans: 65_536,
             max_pending_spans: 200_000,
             max_pending_bytes: 64 << 20,
-            // Small, frequent sends: one large batch every half second showed as tail latency.
-            flush_interval: Duration::from_millis(100),
+            // Each wake-up of the exporter costs more CPU than a thousand spans
+            // (benches/README.md); a second is far inside what the collector's 10-second
+            // aggregates resolve.
+            flush_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(10),
             inflight_threshold: Duration::from_secs(2),
             inflight_interval: Duration::from_secs(1),

@@ -1,13 +1,13 @@
 //! The one background exporter: a thread with its own small runtime, so the application's
 //! executor never runs export work.
 //!
-//! It drains the hand-off queue every `flush_interval`, folds every finished span into
-//! per-minute RED histograms (exact: unsampled transactions count too), encodes each sampled
-//! span into protobuf right away (names as ids of the [`Dictionary`]), and sends those bytes in
-//! batches on a `sightline.v1` stream. Batches stay pending, as bytes, until the collector
-//! acknowledges them and are sent again on a new stream after a reconnect; past
-//! `max_pending_spans` or `max_pending_bytes` the oldest spans are dropped and counted.
-//! Heartbeats report queue depth and drops.
+//! It drains the hand-off queue every `flush_interval` (sooner when a thread's ring fills up),
+//! folds every finished span into RED histograms (exact: unsampled transactions count too),
+//! encodes each sampled span into protobuf right away (names as ids of the [`Dictionary`]),
+//! and sends those bytes in batches on a `sightline.v1` stream. Batches stay pending, as bytes,
+//! until the collector acknowledges them and are sent again on a new stream after a
+//! reconnect; past `max_pending_spans` or `max_pending_bytes` the oldest spans are dropped and
+//! counted. Heartbeats report queue depth and drops.
 
 use std::{
     collections::VecDeque,
@@ -39,10 +39,37 @@ use crate::{
     wire::{self, Encoded, SpanFields},
 };
 
-/// How often the threads' rings are emptied when not at a flush. Every 10 ms cost the exporter
-/// twice the CPU of every 100 ms (service-overhead, exporter thread 0.0084 vs 0.0047 cores at
-/// 2000 requests/s); the rings hold `queue_spans` per thread, far more than 100 ms of spans.
-const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+/// A periodic task of the exporter's. All of them share one timer, and each wake-up does what
+/// is due: every wake-up of the exporter's thread cost ~60 us of CPU on the benchmark's virtual
+/// machine (benches/README.md), more than a thousand spans' work, and separate timers (the
+/// drain's, the flush's) woke it apart, twice as often.
+struct Due {
+    at: tokio::time::Instant,
+    every: Duration,
+}
+
+impl Due {
+    /// First due now.
+    fn new(every: Duration, now: tokio::time::Instant) -> Self {
+        Self {
+            at: now,
+            every: every.max(Duration::from_millis(1)),
+        }
+    }
+
+    /// Whether it is due at `now`; if so, the next time is set (missed times are skipped).
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        if now < self.at {
+            return false;
+        }
+        self.at += self.every;
+        if self.at <= now {
+            self.at = now + self.every;
+        }
+        true
+    }
+}
+
 /// RED histograms per 10-second window: short load tests compare in 10-second blocks.
 const RED_WINDOW_SECS: u64 = 10;
 /// RED goes with the first flush this long after the last that carried it: every key's
@@ -328,11 +355,15 @@ impl Exporter {
                     // pending cap (not the queue) bounds what is held.
                     let reconnect = tokio::time::sleep(backoff);
                     tokio::pin!(reconnect);
-                    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+                    let mut drain = Due::new(self.config.flush_interval, tokio::time::Instant::now());
                     loop {
                         tokio::select! {
                             _ = &mut reconnect => break,
-                            _ = drain.tick() => self.collect(),
+                            _ = tokio::time::sleep_until(drain.at) => {
+                                drain.take(tokio::time::Instant::now());
+                                self.collect();
+                            }
+                            _ = self.agent.exporter_wake.notified() => self.collect(),
                             _ = &mut stop => return,
                         }
                     }
@@ -348,14 +379,15 @@ impl Exporter {
     /// traces and are discarded.
     async fn run_otlp(mut self, mut stop: oneshot::Receiver<()>) {
         let mut client = None;
-        let mut drain = tokio::time::interval(DRAIN_INTERVAL);
-        let mut flush = tokio::time::interval(self.config.flush_interval);
+        let mut flush = Due::new(self.config.flush_interval, tokio::time::Instant::now());
         let mut backoff = Duration::ZERO;
         let mut retry_at = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = drain.tick() => self.collect(),
-                _ = flush.tick() => {
+                // A thread's ring filling up: emptied now, sent at the flush.
+                _ = self.agent.exporter_wake.notified() => self.collect(),
+                _ = tokio::time::sleep_until(flush.at) => {
+                    flush.take(tokio::time::Instant::now());
                     self.collect();
                     if tokio::time::Instant::now() < retry_at {
                         continue;
@@ -441,35 +473,40 @@ impl Exporter {
             let message = self.batch_message(i);
             tx.send(message).await.map_err(|_| "stream closed")?;
         }
-        // Draining keeps the rings short even when sending is paused (backpressure) or the
-        // flush interval is long.
-        let mut drain = tokio::time::interval(DRAIN_INTERVAL);
-        let mut flush = tokio::time::interval(self.config.flush_interval);
-        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
-        let mut inflight_check = tokio::time::interval(self.config.inflight_interval);
-        let mut paused_until = tokio::time::Instant::now();
+        let now = tokio::time::Instant::now();
+        let mut flush = Due::new(self.config.flush_interval, now);
+        let mut inflight_check = Due::new(self.config.inflight_interval, now);
+        let mut heartbeat = Due::new(self.config.heartbeat_interval, now);
+        let mut paused_until = now;
         loop {
+            let wake_at = flush.at.min(inflight_check.at).min(heartbeat.at);
             tokio::select! {
-                _ = drain.tick() => self.collect(),
-                _ = flush.tick() => {
-                    self.collect();
-                    if tokio::time::Instant::now() >= paused_until {
-                        let with_red = std::time::Instant::now() >= self.red_due;
-                        for i in self.cut_batches(with_red) {
-                            let message = self.batch_message(i);
+                _ = tokio::time::sleep_until(wake_at) => {
+                    let now = tokio::time::Instant::now();
+                    if flush.take(now) {
+                        // Draining goes on while sending is paused (backpressure): the pending
+                        // cap, not the threads' rings, bounds what is held.
+                        self.collect();
+                        if now >= paused_until {
+                            let with_red = std::time::Instant::now() >= self.red_due;
+                            for i in self.cut_batches(with_red) {
+                                let message = self.batch_message(i);
+                                tx.send(message).await.map_err(|_| "stream closed")?;
+                            }
+                        }
+                    }
+                    if inflight_check.take(now) {
+                        if let Some(message) = self.inflight_snapshot() {
                             tx.send(message).await.map_err(|_| "stream closed")?;
                         }
                     }
-                }
-                _ = inflight_check.tick() => {
-                    if let Some(message) = self.inflight_snapshot() {
+                    if heartbeat.take(now) {
+                        let message = self.heartbeat();
                         tx.send(message).await.map_err(|_| "stream closed")?;
                     }
                 }
-                _ = heartbeat.tick() => {
-                    let message = self.heartbeat();
-                    tx.send(message).await.map_err(|_| "stream closed")?;
-                }
+                // A thread's ring filling up: emptied now, sent at the flush.
+                _ = self.agent.exporter_wake.notified() => self.collect(),
                 message = inbound.message() => match message {
                     Ok(Some(message)) => match message.body {
                         Some(collector_message::Body::Ack(ack)) => self.acknowledge(ack.batch_id),

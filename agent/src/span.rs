@@ -641,6 +641,7 @@ impl Local {
         };
         let ring = self.ring.as_mut().expect("made by agent_for_batch");
         if !ring.has_room(self.batch.records.len()) {
+            ring.wake_if_filling(agent);
             self.drop_finished(agent);
             return;
         }

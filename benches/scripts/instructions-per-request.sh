@@ -47,9 +47,9 @@ measure() {
     --callgrind-out-file="$work/$mode.%p" "$bin/hello-service" "${args[@]}" 2> "$work/$mode.valgrind.log" &
   local pid=$!
   python3 "$work/load.py" "$port" 300
-  # The exporter drains every 100 ms and flushes soon after: the warm-up's spans go out before
-  # counting starts, and the measured requests' spans before it ends (each second is many
-  # drain intervals even at valgrind's pace), so the exporter's count is of these requests.
+  # The exporter drains and flushes every second (and drains as soon as 512 spans wait): the
+  # warm-up's spans go out before counting starts, and the measured requests' spans before it
+  # ends, so the exporter's count is of these requests.
   sleep 2
   callgrind_control -i on "$pid" > /dev/null 2>&1
   python3 "$work/load.py" "$port" "$requests"
