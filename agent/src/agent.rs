@@ -24,10 +24,11 @@ use crate::span::Batch;
 /// itself is 56 bytes a slot.
 const SPARE_BATCHES: usize = 1024;
 
-/// Spans waiting in a thread's ring that wake the exporter before its next flush: what it then
-/// does at once stays short (~0.3 ms at sampling 1.0), since the application's threads may
-/// share its core and wait behind it. A whole second of a busy service's spans at once showed
-/// as tail latency (service-overhead, p99 +33% at 2,000 requests/s).
+/// Spans waiting in a thread's ring that wake the exporter before its next flush (at most once
+/// every 100 ms, `exporter::MIN_DRAIN_GAP`): what it then does at once stays short (~0.3 ms at
+/// sampling 1.0), since the application's threads may share its core and wait behind it. A
+/// whole second of a busy service's spans at once showed as tail latency (service-overhead, p99
+/// +33% at 2,000 requests/s).
 const WAKE_AT_SPANS: u64 = 512;
 
 pub(crate) struct Agent {
@@ -136,10 +137,10 @@ impl ThreadRing {
         self.wake_if_filling(agent);
     }
 
-    /// Wakes the exporter when a quarter of what may wait is waiting (or it is behind and
-    /// spans are being dropped): a thread that fills its ring faster than the flush interval
-    /// empties it is drained sooner, instead of dropping. The exporter's periodic wake-ups
-    /// stay few for every other thread: each costs more CPU than many spans.
+    /// Wakes the exporter when [`WAKE_AT_SPANS`] (at most a quarter of `queue_spans`) wait, or
+    /// when spans are being dropped: a busy thread is drained sooner than the flush interval,
+    /// in short goes, instead of dropping. Once a drain: the exporter's wake-ups stay few, each
+    /// costing more CPU than many spans.
     pub(crate) fn wake_if_filling(&mut self, agent: &Agent) {
         let taken = self.taken_records.load(Ordering::Acquire);
         if self.sent_records - taken >= self.wake_at && self.woke_at_taken != taken {

@@ -70,6 +70,75 @@ impl Due {
     }
 }
 
+/// The least time between two drains of the threads' rings, however often filling rings ask:
+/// as often as a fixed 100-ms timer drained them before, never more (each drain is a wake-up).
+const MIN_DRAIN_GAP: Duration = Duration::from_millis(100);
+
+/// When the threads' rings are emptied: at every flush, and early when a thread's ring fills
+/// up (`Agent::exporter_wake`): at once, or at the end of [`MIN_DRAIN_GAP`] after the last drain.
+struct Drains {
+    flush: Due,
+    not_before: tokio::time::Instant,
+    /// A thread asked within the gap.
+    asked: bool,
+}
+
+/// What is due at a wake-up of the exporter's timer.
+#[derive(Debug, PartialEq)]
+enum Drain {
+    /// Drain and send.
+    Flush,
+    /// Drain only, asked by a filling ring.
+    Early,
+    None,
+}
+
+impl Drains {
+    fn new(flush_interval: Duration, now: tokio::time::Instant) -> Self {
+        Self {
+            flush: Due::new(flush_interval, now),
+            not_before: now,
+            asked: false,
+        }
+    }
+
+    /// The next time something is due.
+    fn next(&self) -> tokio::time::Instant {
+        match self.asked {
+            true => self.flush.at.min(self.not_before),
+            false => self.flush.at,
+        }
+    }
+
+    /// What is due at `now`; a drain it returns counts as done.
+    fn at(&mut self, now: tokio::time::Instant) -> Drain {
+        let due = if self.flush.take(now) {
+            Drain::Flush
+        } else if self.asked && now >= self.not_before {
+            Drain::Early
+        } else {
+            return Drain::None;
+        };
+        self.drained(now);
+        due
+    }
+
+    /// A thread's ring is filling up: whether to drain now (counted as done).
+    fn asked(&mut self, now: tokio::time::Instant) -> bool {
+        if now < self.not_before {
+            self.asked = true;
+            return false;
+        }
+        self.drained(now);
+        true
+    }
+
+    fn drained(&mut self, now: tokio::time::Instant) {
+        self.not_before = now + MIN_DRAIN_GAP;
+        self.asked = false;
+    }
+}
+
 /// RED histograms per 10-second window: short load tests compare in 10-second blocks.
 const RED_WINDOW_SECS: u64 = 10;
 /// RED goes with the first flush this long after the last that carried it: every key's
@@ -355,15 +424,20 @@ impl Exporter {
                     // pending cap (not the queue) bounds what is held.
                     let reconnect = tokio::time::sleep(backoff);
                     tokio::pin!(reconnect);
-                    let mut drain = Due::new(self.config.flush_interval, tokio::time::Instant::now());
+                    let mut drains = Drains::new(self.config.flush_interval, tokio::time::Instant::now());
                     loop {
                         tokio::select! {
                             _ = &mut reconnect => break,
-                            _ = tokio::time::sleep_until(drain.at) => {
-                                drain.take(tokio::time::Instant::now());
-                                self.collect();
+                            _ = tokio::time::sleep_until(drains.next()) => {
+                                if drains.at(tokio::time::Instant::now()) != Drain::None {
+                                    self.collect();
+                                }
                             }
-                            _ = self.agent.exporter_wake.notified() => self.collect(),
+                            _ = self.agent.exporter_wake.notified() => {
+                                if drains.asked(tokio::time::Instant::now()) {
+                                    self.collect();
+                                }
+                            }
                             _ = &mut stop => return,
                         }
                     }
@@ -379,17 +453,23 @@ impl Exporter {
     /// traces and are discarded.
     async fn run_otlp(mut self, mut stop: oneshot::Receiver<()>) {
         let mut client = None;
-        let mut flush = Due::new(self.config.flush_interval, tokio::time::Instant::now());
+        let mut drains = Drains::new(self.config.flush_interval, tokio::time::Instant::now());
         let mut backoff = Duration::ZERO;
         let mut retry_at = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                // A thread's ring filling up: emptied now, sent at the flush.
-                _ = self.agent.exporter_wake.notified() => self.collect(),
-                _ = tokio::time::sleep_until(flush.at) => {
-                    flush.take(tokio::time::Instant::now());
-                    self.collect();
-                    if tokio::time::Instant::now() < retry_at {
+                // A thread's ring filling up: emptied (sent at the flush).
+                _ = self.agent.exporter_wake.notified() => {
+                    if drains.asked(tokio::time::Instant::now()) {
+                        self.collect();
+                    }
+                }
+                _ = tokio::time::sleep_until(drains.next()) => {
+                    let due = drains.at(tokio::time::Instant::now());
+                    if due != Drain::None {
+                        self.collect();
+                    }
+                    if due != Drain::Flush || tokio::time::Instant::now() < retry_at {
                         continue;
                     }
                     match self.export_otlp(&mut client).await {
@@ -474,25 +554,26 @@ impl Exporter {
             tx.send(message).await.map_err(|_| "stream closed")?;
         }
         let now = tokio::time::Instant::now();
-        let mut flush = Due::new(self.config.flush_interval, now);
+        let mut drains = Drains::new(self.config.flush_interval, now);
         let mut inflight_check = Due::new(self.config.inflight_interval, now);
         let mut heartbeat = Due::new(self.config.heartbeat_interval, now);
         let mut paused_until = now;
         loop {
-            let wake_at = flush.at.min(inflight_check.at).min(heartbeat.at);
+            let wake_at = drains.next().min(inflight_check.at).min(heartbeat.at);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake_at) => {
                     let now = tokio::time::Instant::now();
-                    if flush.take(now) {
-                        // Draining goes on while sending is paused (backpressure): the pending
-                        // cap, not the threads' rings, bounds what is held.
+                    let due = drains.at(now);
+                    // Draining goes on while sending is paused (backpressure): the pending cap,
+                    // not the threads' rings, bounds what is held.
+                    if due != Drain::None {
                         self.collect();
-                        if now >= paused_until {
-                            let with_red = std::time::Instant::now() >= self.red_due;
-                            for i in self.cut_batches(with_red) {
-                                let message = self.batch_message(i);
-                                tx.send(message).await.map_err(|_| "stream closed")?;
-                            }
+                    }
+                    if due == Drain::Flush && now >= paused_until {
+                        let with_red = std::time::Instant::now() >= self.red_due;
+                        for i in self.cut_batches(with_red) {
+                            let message = self.batch_message(i);
+                            tx.send(message).await.map_err(|_| "stream closed")?;
                         }
                     }
                     if inflight_check.take(now) {
@@ -505,8 +586,12 @@ impl Exporter {
                         tx.send(message).await.map_err(|_| "stream closed")?;
                     }
                 }
-                // A thread's ring filling up: emptied now, sent at the flush.
-                _ = self.agent.exporter_wake.notified() => self.collect(),
+                // A thread's ring filling up: emptied (sent at the flush).
+                _ = self.agent.exporter_wake.notified() => {
+                    if drains.asked(tokio::time::Instant::now()) {
+                        self.collect();
+                    }
+                }
                 message = inbound.message() => match message {
                     Ok(Some(message)) => match message.body {
                         Some(collector_message::Body::Ack(ack)) => self.acknowledge(ack.batch_id),
@@ -872,6 +957,28 @@ mod tests {
 
     use super::*;
     use crate::span::{Batch as Handoff, Detail, Record, TraceCtx};
+
+    #[test]
+    fn filling_rings_drain_early_but_at_most_once_a_gap() {
+        let start = tokio::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut drains = Drains::new(Duration::from_secs(1), start);
+        assert_eq!(drains.at(at(0)), Drain::Flush, "the first flush is at once");
+        assert_eq!(drains.next(), at(1000), "nothing else is due before the next flush");
+        assert!(!drains.asked(at(10)), "asked within the gap after a drain: deferred");
+        assert_eq!(drains.next(), at(100), "the deferred drain is due at the gap's end");
+        assert_eq!(drains.at(at(50)), Drain::None);
+        assert_eq!(drains.at(at(100)), Drain::Early);
+        assert_eq!(drains.next(), at(1000), "done: the flush is next");
+        assert!(drains.asked(at(300)), "asked past the gap: drained at once");
+        assert_eq!(drains.at(at(1000)), Drain::Flush);
+        assert_eq!(drains.at(at(3500)), Drain::Flush, "a late wake-up still flushes");
+        assert_eq!(
+            drains.next(),
+            at(4500),
+            "missed flushes are skipped, not run in a burst"
+        );
+    }
 
     #[test]
     fn red_counts_every_span_under_its_own_key_static_names_or_not() {
