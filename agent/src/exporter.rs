@@ -572,11 +572,7 @@ impl Exporter {
                     // Early drains send too: a second's spans sent at once moved the
                     // benchmark's p90 (benches/README.md).
                     if due != Drain::None && now >= paused_until {
-                        let with_red = std::time::Instant::now() >= self.red_due;
-                        for i in self.cut_batches(with_red) {
-                            let message = self.batch_message(i);
-                            tx.send(message).await.map_err(|_| "stream closed")?;
-                        }
+                        self.send_drained(&tx).await?;
                     }
                     if inflight_check.take(now) {
                         if let Some(message) = self.inflight_snapshot() {
@@ -594,11 +590,7 @@ impl Exporter {
                     if drains.asked(now) {
                         self.collect();
                         if now >= paused_until {
-                            let with_red = std::time::Instant::now() >= self.red_due;
-                            for i in self.cut_batches(with_red) {
-                                let message = self.batch_message(i);
-                                tx.send(message).await.map_err(|_| "stream closed")?;
-                            }
+                            self.send_drained(&tx).await?;
                         }
                     }
                 }
@@ -642,6 +634,17 @@ impl Exporter {
                 }
             }
         }
+    }
+
+    /// Cuts what was drained and not yet sent into batches, with the RED so far when it is
+    /// due, and sends them on the stream.
+    async fn send_drained(&mut self, tx: &mpsc::Sender<Encoded>) -> Result<(), String> {
+        let with_red = std::time::Instant::now() >= self.red_due;
+        for i in self.cut_batches(with_red) {
+            let message = self.batch_message(i);
+            tx.send(message).await.map_err(|_| "stream closed")?;
+        }
+        Ok(())
     }
 
     /// Takes everything the application threads handed off: RED for all, spans encoded and
