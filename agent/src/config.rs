@@ -45,7 +45,8 @@ pub struct Config {
     /// for the exporter.
     pub max_pending_bytes: usize,
     /// How often the exporter takes the threads' spans, folds them into RED and sends what it
-    /// has; sooner for a thread whose waiting spans pass a quarter of `queue_spans`.
+    /// has; sooner (at most every 100 ms) for a thread with 512 spans waiting, or a quarter of
+    /// `queue_spans` if that is fewer.
     pub flush_interval: Duration,
     /// How often the agent says it is alive.
     pub heartbeat_interval: Duration,
