@@ -1,7 +1,9 @@
 //! Two axum services instrumented only through the crate's tower layers: the gateway's handler
 //! calls the messages service through the client layer; one trace comes out with route
 //! templates as operations, the BT named by a rule and carried downstream in baggage, the
-//! downstream entry a child of the client span, and the handler's DB span inside it.
+//! downstream entry a child of the client span, and the handler's DB span inside it. The
+//! gateway has the server layer on its router, the messages service on each handler
+//! (`ServerLayer::handler`): both ways give the same spans.
 
 use std::time::Duration;
 
@@ -35,18 +37,21 @@ async fn layers_give_one_trace_across_two_services() {
     })
     .unwrap();
 
+    let traced = ServerLayer::new();
     let messages = Router::new()
         .route(
             "/chats/{id}/messages",
-            routing::post(|| async {
+            routing::post(traced.handler(|| async {
                 let _insert = sightline::span("INSERT messages")
                     .client("db", "postgres:chat")
                     .entered();
                 StatusCode::CREATED
-            }),
+            })),
         )
-        .route("/broken", routing::get(|| async { StatusCode::INTERNAL_SERVER_ERROR }))
-        .layer(ServerLayer::new());
+        .route(
+            "/broken",
+            routing::get(traced.handler(|| async { StatusCode::INTERNAL_SERVER_ERROR })),
+        );
     let messages_addr = serve(messages).await;
 
     let gateway = Router::new()

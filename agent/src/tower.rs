@@ -6,6 +6,11 @@
 //! let app: axum::Router = axum::Router::new()
 //!     .route("/login", axum::routing::post(|| async { "ok" }))
 //!     .layer(sightline::tower::ServerLayer::new().naming(|op| (op == "POST /login").then(|| "Login".into())));
+//!
+//! // The same on each handler instead: cheaper per request (see `ServerLayer::handler`).
+//! let traced = sightline::tower::ServerLayer::new();
+//! let app: axum::Router = axum::Router::new()
+//!     .route("/login", axum::routing::post(traced.handler(|| async { "ok" })));
 //! # }
 //! ```
 
@@ -70,7 +75,9 @@ impl<S> Layer<S> for ServerLayer {
     fn layer(&self, inner: S) -> ServerService<S> {
         ServerService {
             inner,
-            naming: self.naming.clone(),
+            entry: Entry {
+                naming: self.naming.clone(),
+            },
         }
     }
 }
@@ -79,10 +86,47 @@ impl<S> Layer<S> for ServerLayer {
 #[derive(Clone)]
 pub struct ServerService<S> {
     inner: S,
+    entry: Entry,
+}
+
+/// Starts a request's entry span: what [`ServerService`] and [`TracedHandler`] share.
+#[derive(Clone)]
+struct Entry {
     naming: Arc<Naming>,
 }
 
-impl<S> ServerService<S> {
+impl Entry {
+    /// The request's entry span, started, and whether it is a gRPC call.
+    fn start<B>(&self, request: &Request<B>) -> (Span, bool) {
+        let remote = propagation::extract(|name| header(request.headers(), name));
+        #[cfg(feature = "axum")]
+        let recent = self.recent_names(request);
+        #[cfg(not(feature = "axum"))]
+        let recent: Option<(&'static str, Option<&'static str>)> = None;
+        let (operation, bt, grpc) = match recent {
+            // A route template is never a gRPC call's.
+            Some((operation, bt)) => (Name::Borrowed(operation), bt.map(Name::Borrowed), false),
+            None => {
+                let (operation, bt, grpc) = OPERATION.with_borrow_mut(|operation| {
+                    operation.clear();
+                    let grpc = server_operation(request, operation);
+                    let (operation, bt) = self.names(operation);
+                    (operation, bt, grpc)
+                });
+                #[cfg(feature = "axum")]
+                if !grpc {
+                    self.remember(request, &operation, &bt);
+                }
+                (operation, bt, grpc)
+            }
+        };
+        let mut builder = SpanBuilder::new(operation, Kind::Server, None).child_of(remote);
+        if let Some(bt) = bt {
+            builder = builder.business_transaction(bt);
+        }
+        (builder.start(), grpc)
+    }
+
     /// The operation and its BT (`None`: the operation is its own). Interned names after an
     /// operation's first request, so a request allocates no name.
     fn names(&self, operation: &str) -> (Name, Option<Name>) {
@@ -190,33 +234,7 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let remote = propagation::extract(|name| header(request.headers(), name));
-        #[cfg(feature = "axum")]
-        let recent = self.recent_names(&request);
-        #[cfg(not(feature = "axum"))]
-        let recent: Option<(&'static str, Option<&'static str>)> = None;
-        let (operation, bt, grpc) = match recent {
-            // A route template is never a gRPC call's.
-            Some((operation, bt)) => (Name::Borrowed(operation), bt.map(Name::Borrowed), false),
-            None => {
-                let (operation, bt, grpc) = OPERATION.with_borrow_mut(|operation| {
-                    operation.clear();
-                    let grpc = server_operation(&request, operation);
-                    let (operation, bt) = self.names(operation);
-                    (operation, bt, grpc)
-                });
-                #[cfg(feature = "axum")]
-                if !grpc {
-                    self.remember(&request, &operation, &bt);
-                }
-                (operation, bt, grpc)
-            }
-        };
-        let mut builder = SpanBuilder::new(operation, Kind::Server, None).child_of(remote);
-        if let Some(bt) = bt {
-            builder = builder.business_transaction(bt);
-        }
-        let span = builder.start();
+        let (span, grpc) = self.entry.start(&request);
         // The handler's synchronous part runs inside `call`: make the span current for it too.
         let future = span.in_scope(|| self.inner.call(request));
         Traced {
@@ -224,6 +242,76 @@ where
             span: Some(span),
             grpc,
         }
+    }
+}
+
+/// An axum handler inside its request's entry span, as [`ServerLayer::handler`] makes it.
+#[cfg(feature = "axum")]
+#[derive(Clone)]
+pub struct TracedHandler<H> {
+    handler: H,
+    entry: Entry,
+}
+
+#[cfg(feature = "axum")]
+impl ServerLayer {
+    /// The same tracing as the layer's, applied to one axum handler instead of a whole
+    /// [`axum::Router`]: `.route("/login", post(layer.handler(login)))`. For hot routes:
+    /// `Router::layer` wraps each route in one more boxed service, cloned and called with a
+    /// boxed future per request, which costs more than this layer's own work
+    /// (benches/README.md); a wrapped handler adds neither. The operation is still the route
+    /// template, the naming rule the layer's.
+    pub fn handler<H>(&self, handler: H) -> TracedHandler<H> {
+        TracedHandler {
+            handler,
+            entry: Entry {
+                naming: self.naming.clone(),
+            },
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<H, T, S> axum::handler::Handler<T, S> for TracedHandler<H>
+where
+    H: axum::handler::Handler<T, S>,
+    S: Send + Sync + 'static,
+{
+    type Future = TracedResponse<H::Future>;
+
+    fn call(self, request: axum::extract::Request, state: S) -> Self::Future {
+        let (span, _) = self.entry.start(&request);
+        // A handler may do work in `call` itself, before its future: inside the span too.
+        let future = span.in_scope(|| self.handler.call(request, state));
+        TracedResponse {
+            future,
+            span: Some(span),
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+pin_project_lite::pin_project! {
+    /// A [`TracedHandler`]'s response future: the span ends with the response and records its
+    /// status.
+    pub struct TracedResponse<F> {
+        #[pin]
+        future: F,
+        span: Option<Span>,
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<F: Future<Output = axum::response::Response>> Future for TracedResponse<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        Span::poll_in_scope(
+            this.span,
+            || this.future.poll(cx),
+            |span, response| record_response(span, response, false),
+        )
     }
 }
 
@@ -358,33 +446,35 @@ where
 /// transport error.
 fn record_outcome<B, E: std::fmt::Display>(span: &mut Span, outcome: &Result<Response<B>, E>, grpc: bool) {
     match outcome {
-        Ok(response) => {
-            let status = response.status();
-            span.set_http_status(status.as_u16());
-            let grpc_status = if grpc {
-                response
-                    .headers()
-                    .get(&GRPC_STATUS)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0")
-            } else {
-                "0"
-            };
-            if status.is_server_error() {
-                span.set_error(
-                    format!("HTTP {}", status.as_u16()),
-                    status.canonical_reason().unwrap_or(""),
-                );
-            } else if grpc_status != "0" {
-                let message = response
-                    .headers()
-                    .get(&GRPC_MESSAGE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                span.set_error(format!("gRPC {grpc_status}"), message);
-            }
-        }
+        Ok(response) => record_response(span, response, grpc),
         Err(e) => span.set_error("transport", e),
+    }
+}
+
+fn record_response<B>(span: &mut Span, response: &Response<B>, grpc: bool) {
+    let status = response.status();
+    span.set_http_status(status.as_u16());
+    let grpc_status = if grpc {
+        response
+            .headers()
+            .get(&GRPC_STATUS)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("0")
+    } else {
+        "0"
+    };
+    if status.is_server_error() {
+        span.set_error(
+            format!("HTTP {}", status.as_u16()),
+            status.canonical_reason().unwrap_or(""),
+        );
+    } else if grpc_status != "0" {
+        let message = response
+            .headers()
+            .get(&GRPC_MESSAGE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        span.set_error(format!("gRPC {grpc_status}"), message);
     }
 }
 

@@ -42,6 +42,7 @@ measure() {
   local mode=$1 port=$((20000 + RANDOM % 10000))
   local args=(--listen "127.0.0.1:$port")
   [ "$mode" = agent ] && args+=(--collector "http://127.0.0.1:$sink_port")
+  [ "$mode" = handlers ] && args+=(--collector "http://127.0.0.1:$sink_port" --traced-handlers)
   [ "$mode" = identity ] && args+=(--identity-layer)
   valgrind --tool=callgrind --separate-threads=yes --instr-atstart=no "${simulate[@]}" \
     --callgrind-out-file="$work/$mode.%p" "$bin/hello-service" "${args[@]}" 2> "$work/$mode.valgrind.log" &
@@ -67,12 +68,13 @@ measure() {
 bare=$(measure bare)
 identity=$(measure identity)
 agent=$(measure agent)
+handlers=$(measure handlers)
 percent() { echo "+$(( ($1 - bare) * 1000 / bare / 10 )).$(( ($1 - bare) * 1000 / bare % 10 ))%"; }
-echo "instructions per request: bare $bare, identity layer $identity ($(percent "$identity")), agent $agent ($(percent "$agent"))"
+echo "instructions per request: bare $bare, identity layer $identity ($(percent "$identity")), agent $agent ($(percent "$agent")), agent on the handlers $handlers ($(percent "$handlers"))"
 echo "agent, per thread and request: $(for f in "$work"/agent.*-*; do
   awk -v n="$requests" '/^totals:/ {printf "%d ", $2 / n; exit}' "$f"; done)"
 if [ ${#simulate[@]} -gt 0 ]; then
-  for mode in bare identity agent; do
+  for mode in bare identity agent handlers; do
     # The request's thread: the one that executed the most.
     awk -v n="$requests" -v mode="$mode" '
       /^events:/ { for (i = 2; i <= NF; i++) col[$i] = i - 1 }

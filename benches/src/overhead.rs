@@ -74,6 +74,27 @@ struct Args {
     /// bootstrap over rounds. `--rounds` counts rounds; `--warmup` warms each service first.
     #[arg(long)]
     interleave_ms: Option<u64>,
+    /// Also run, in every round, the agent put on each handler (`ServerLayer::handler`,
+    /// hello-service `--traced-handlers`) instead of on the router: without axum's per-route
+    /// boxed service that any router layer adds.
+    #[arg(long)]
+    traced_handlers_too: bool,
+}
+
+/// A mode's agent: where it sends, and whether it wraps the handlers instead of the router.
+#[derive(Clone, Copy)]
+struct AgentMode<'a> {
+    collector: &'a str,
+    traced_handlers: bool,
+}
+
+impl<'a> AgentMode<'a> {
+    fn on_router(collector: &'a str) -> Option<Self> {
+        Some(Self {
+            collector,
+            traced_handlers: false,
+        })
+    }
 }
 
 /// The `sightline.v1` service at its smallest: every batch acknowledged, nothing kept.
@@ -183,7 +204,11 @@ fn http_client() -> HttpClient {
 
 /// Starts `hello-service` (with the agent sending to `collector`, if given) and waits until it
 /// answers; the process and its URL.
-async fn start_service(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::Result<(Service, String)> {
+async fn start_service(
+    binary: &PathBuf,
+    agent: Option<AgentMode<'_>>,
+    args: &Args,
+) -> anyhow::Result<(Service, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut command = match args.service_cpu {
         Some(cpu) => {
@@ -196,13 +221,16 @@ async fn start_service(binary: &PathBuf, collector: Option<&str>, args: &Args) -
     command
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null());
-    if let Some(collector) = collector {
+    if let Some(agent) = agent {
         command.args([
             "--collector",
-            collector,
+            agent.collector,
             "--sampling-ratio",
             &args.sampling_ratio.to_string(),
         ]);
+        if agent.traced_handlers {
+            command.arg("--traced-handlers");
+        }
     }
     let service = Service(command.spawn()?);
     let url = format!("http://127.0.0.1:{port}");
@@ -216,8 +244,8 @@ async fn start_service(binary: &PathBuf, collector: Option<&str>, args: &Args) -
     Ok((service, url))
 }
 
-async fn run(binary: &PathBuf, collector: Option<&str>, args: &Args) -> anyhow::Result<Outcome> {
-    let (service, url) = start_service(binary, collector, args).await?;
+async fn run(binary: &PathBuf, agent: Option<AgentMode<'_>>, args: &Args) -> anyhow::Result<Outcome> {
+    let (service, url) = start_service(binary, agent, args).await?;
     let client = http_client();
     load(&client, &url, args.rate, Duration::from_secs(args.warmup)).await;
     let cpu = cpu_seconds(service.0.id());
@@ -292,13 +320,13 @@ fn latency_bucket(micros: u64) -> u64 {
 /// `--interleave-ms`).
 async fn interleaved(
     binary: &PathBuf,
-    modes: &[(&str, Option<&str>)],
+    modes: &[(&str, Option<AgentMode<'_>>)],
     slice: Duration,
     args: &Args,
 ) -> anyhow::Result<()> {
     let mut services = Vec::new();
-    for (_, collector) in modes {
-        services.push(start_service(binary, *collector, args).await?);
+    for (_, agent) in modes {
+        services.push(start_service(binary, *agent, args).await?);
     }
     let clients: Vec<HttpClient> = modes.iter().map(|_| http_client()).collect();
     for ((_, url), client) in services.iter().zip(&clients) {
@@ -454,12 +482,18 @@ async fn main() -> anyhow::Result<()> {
     );
     // The modes of a round, in the order they run: the service bare, with the agent, and
     // optionally with the agent while its collector is away. (name, where the agent sends)
-    let mut modes: Vec<(&str, Option<&str>)> = vec![
-        ("bare", None),
-        ("agent", Some(args.agent_collector.as_deref().unwrap_or(&grpc))),
-    ];
+    let collector_address = args.agent_collector.as_deref().unwrap_or(&grpc);
+    let mut modes: Vec<(&str, Option<AgentMode>)> =
+        vec![("bare", None), ("agent", AgentMode::on_router(collector_address))];
     if args.collector_absent_too {
-        modes.push(("absent", Some(CLOSED_PORT)));
+        modes.push(("absent", AgentMode::on_router(CLOSED_PORT)));
+    }
+    if args.traced_handlers_too {
+        let agent = AgentMode {
+            collector: collector_address,
+            traced_handlers: true,
+        };
+        modes.push(("handlers", Some(agent)));
     }
     if let Some(slice_ms) = args.interleave_ms {
         interleaved(&binary, &modes, Duration::from_millis(slice_ms), &args).await?;
@@ -468,8 +502,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut outcomes: Vec<Vec<Outcome>> = modes.iter().map(|_| Vec::new()).collect();
     for round in 1..=args.rounds.max(1) {
-        for ((name, collector), outcomes) in modes.iter().zip(&mut outcomes) {
-            let o = run(&binary, *collector, &args).await?;
+        for ((name, agent), outcomes) in modes.iter().zip(&mut outcomes) {
+            let o = run(&binary, *agent, &args).await?;
             println!(
                 "  round {round} {name:6}  p50 {:7.0} us  p99 {:7.0} us  service CPU {:.4} cores \
                  (exporter {:.4})  errors {}  RSS peak {:.1} MiB, at the end {:.1} MiB",

@@ -39,6 +39,10 @@ struct Args {
     /// request), apart from what the agent's own layer does.
     #[arg(long, conflicts_with = "collector")]
     identity_layer: bool,
+    /// With the agent, trace each handler (`ServerLayer::handler`) instead of layering the
+    /// router: no per-route boxed service.
+    #[arg(long, requires = "collector")]
+    traced_handlers: bool,
 }
 
 struct Database {
@@ -87,10 +91,6 @@ async fn main() -> anyhow::Result<()> {
         slow_bt: args.slow_bt.clone(),
         slowdown: args.db_slowdown,
     });
-    let app = Router::new()
-        .route("/users/{id}", routing::get(user))
-        .route("/orders", routing::post(order))
-        .with_state(database);
     let _agent = match &args.collector {
         Some(collector) => Some(sightline::init(sightline::Config {
             service: "hello".into(),
@@ -101,14 +101,23 @@ async fn main() -> anyhow::Result<()> {
         })?),
         None => None,
     };
-    let app = if args.collector.is_some() {
-        app.layer(
-            sightline::tower::ServerLayer::new().naming(|operation| match operation {
-                "GET /users/{id}" => Some("GetUser".into()),
-                "POST /orders" => Some("PlaceOrder".into()),
-                _ => None,
-            }),
-        )
+    let traced = sightline::tower::ServerLayer::new().naming(|operation| match operation {
+        "GET /users/{id}" => Some("GetUser".into()),
+        "POST /orders" => Some("PlaceOrder".into()),
+        _ => None,
+    });
+    let app = if args.traced_handlers {
+        Router::new()
+            .route("/users/{id}", routing::get(traced.handler(user)))
+            .route("/orders", routing::post(traced.handler(order)))
+    } else {
+        Router::new()
+            .route("/users/{id}", routing::get(user))
+            .route("/orders", routing::post(order))
+    };
+    let app = app.with_state(database);
+    let app = if args.collector.is_some() && !args.traced_handlers {
+        app.layer(traced)
     } else if args.identity_layer {
         app.layer(tower::layer::util::Identity::new())
     } else {
