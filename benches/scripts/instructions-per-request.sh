@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instructions per request of examples' hello-service, bare, with a layer that does nothing (what
 # axum's per-route layering costs any middleware), and with the agent exporting to an
-# acknowledging sink, counted by callgrind (all threads, after 300 warm-up requests). Counts do
+# acknowledging sink, its layer on the router and on each handler (`--traced-handlers`), counted
+# by callgrind (all threads, after 300 warm-up requests). Counts do
 # not move with the machine's load, unlike CPU time: the agent's share is a stable figure.
 #
 # Needs valgrind (apt-get install valgrind) and the release binaries:
