@@ -564,15 +564,10 @@ impl Exporter {
                 _ = tokio::time::sleep_until(wake_at) => {
                     let now = tokio::time::Instant::now();
                     let due = drains.at(now);
-                    // Draining goes on while sending is paused (backpressure): the pending cap,
-                    // not the threads' rings, bounds what is held.
-                    if due != Drain::None {
-                        self.collect();
-                    }
                     // Early drains send too: a second's spans sent at once moved the
                     // benchmark's p90 (benches/README.md).
-                    if due != Drain::None && now >= paused_until {
-                        self.send_drained(&tx).await?;
+                    if due != Drain::None {
+                        self.collect_and_send(&tx, now >= paused_until).await?;
                     }
                     if inflight_check.take(now) {
                         if let Some(message) = self.inflight_snapshot() {
@@ -588,10 +583,7 @@ impl Exporter {
                 _ = self.agent.exporter_wake.notified() => {
                     let now = tokio::time::Instant::now();
                     if drains.asked(now) {
-                        self.collect();
-                        if now >= paused_until {
-                            self.send_drained(&tx).await?;
-                        }
+                        self.collect_and_send(&tx, now >= paused_until).await?;
                     }
                 }
                 message = inbound.message() => match message {
@@ -634,6 +626,17 @@ impl Exporter {
                 }
             }
         }
+    }
+
+    /// Drains the threads' rings and, unless sending is paused (`send` false), sends what
+    /// waits. Draining goes on while sending is paused (backpressure): the pending cap, not the
+    /// threads' rings, bounds what is held.
+    async fn collect_and_send(&mut self, tx: &mpsc::Sender<Encoded>, send: bool) -> Result<(), String> {
+        self.collect();
+        if send {
+            self.send_drained(tx).await?;
+        }
+        Ok(())
     }
 
     /// Cuts what was drained and not yet sent into batches, with the RED so far when it is

@@ -57,6 +57,13 @@ impl ServerLayer {
         Self::default()
     }
 
+    /// What starts entry spans by this layer's naming.
+    fn entry(&self) -> Entry {
+        Entry {
+            naming: self.naming.clone(),
+        }
+    }
+
     /// A naming rule: from the operation (`POST /login`, `/chat.Agent/Accept`) to the business
     /// transaction (`Login`). Operations it does not name are their own BT. The rule runs once
     /// per operation and its answer is kept: it must depend on the operation alone.
@@ -75,9 +82,7 @@ impl<S> Layer<S> for ServerLayer {
     fn layer(&self, inner: S) -> ServerService<S> {
         ServerService {
             inner,
-            entry: Entry {
-                naming: self.naming.clone(),
-            },
+            entry: self.entry(),
         }
     }
 }
@@ -264,9 +269,7 @@ impl ServerLayer {
     pub fn handler<H>(&self, handler: H) -> TracedHandler<H> {
         TracedHandler {
             handler,
-            entry: Entry {
-                naming: self.naming.clone(),
-            },
+            entry: self.entry(),
         }
     }
 }
