@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Instructions per request of examples' hello-service, bare, with a layer that does nothing (what
 # axum's per-route layering costs any middleware), and with the agent exporting to an
-# acknowledging sink, its layer on the router and on each handler (`--traced-handlers`), counted
-# by callgrind (all threads, after 300 warm-up requests). Counts do
+# acknowledging sink, its layer on the router and on each handler (`--traced-handlers`), and
+# traced by its peers instead (`--peer fastrace|opentelemetry`: a `from_fn` middleware on the
+# router, spans discarded; `--peer middleware`: that middleware tracing nothing), counted by callgrind (all threads, after 300 warm-up requests). Counts do
 # not move with the machine's load, unlike CPU time: the agent's share is a stable figure.
 #
 # Needs valgrind (apt-get install valgrind) and the release binaries:
@@ -45,6 +46,9 @@ measure() {
   [ "$mode" = agent ] && args+=(--collector "http://127.0.0.1:$sink_port")
   [ "$mode" = handlers ] && args+=(--collector "http://127.0.0.1:$sink_port" --traced-handlers)
   [ "$mode" = identity ] && args+=(--identity-layer)
+  [ "$mode" = fastrace ] && args+=(--peer fastrace)
+  [ "$mode" = otel ] && args+=(--peer opentelemetry)
+  [ "$mode" = middleware ] && args+=(--peer middleware)
   valgrind --tool=callgrind --separate-threads=yes --instr-atstart=no "${simulate[@]}" \
     --callgrind-out-file="$work/$mode.%p" "$bin/hello-service" "${args[@]}" 2> "$work/$mode.valgrind.log" &
   local pid=$!
@@ -70,12 +74,17 @@ bare=$(measure bare)
 identity=$(measure identity)
 agent=$(measure agent)
 handlers=$(measure handlers)
+middleware=$(measure middleware)
+fastrace=$(measure fastrace)
+otel=$(measure otel)
 percent() { echo "+$(( ($1 - bare) * 1000 / bare / 10 )).$(( ($1 - bare) * 1000 / bare % 10 ))%"; }
 echo "instructions per request: bare $bare, identity layer $identity ($(percent "$identity")), agent $agent ($(percent "$agent")), agent on the handlers $handlers ($(percent "$handlers"))"
-echo "agent, per thread and request: $(for f in "$work"/agent.*-*; do
-  awk -v n="$requests" '/^totals:/ {printf "%d ", $2 / n; exit}' "$f"; done)"
+echo "peers, a from_fn middleware on the router, spans discarded: the middleware alone $middleware ($(percent "$middleware")), fastrace $fastrace ($(percent "$fastrace")), OpenTelemetry SDK $otel ($(percent "$otel"))"
+echo "per thread and request: $(for mode in agent fastrace otel; do
+  printf '%s ' "$mode"; for f in "$work/$mode".*-*; do
+  awk -v n="$requests" '/^totals:/ {if ($2 / n >= 1) printf "%d ", $2 / n; exit}' "$f"; done; done)"
 if [ ${#simulate[@]} -gt 0 ]; then
-  for mode in bare identity agent handlers; do
+  for mode in bare identity agent handlers middleware fastrace otel; do
     # The request's thread: the one that executed the most.
     awk -v n="$requests" -v mode="$mode" '
       /^events:/ { for (i = 2; i <= NF; i++) col[$i] = i - 1 }

@@ -79,6 +79,21 @@ struct Args {
     /// boxed service that any router layer adds.
     #[arg(long)]
     traced_handlers_too: bool,
+    /// Also run, in every round, the service traced by fastrace and by the OpenTelemetry SDK
+    /// instead of the agent (hello-service `--peer`: each as a `from_fn` middleware on the
+    /// router, its spans discarded rather than exported), and with that middleware tracing
+    /// nothing: the peers' cost on the same request.
+    #[arg(long)]
+    peers_too: bool,
+}
+
+/// How a mode's service is traced.
+#[derive(Clone, Copy)]
+enum Tracing<'a> {
+    Bare,
+    Agent(AgentMode<'a>),
+    /// hello-service `--peer` with this value.
+    Peer(&'static str),
 }
 
 /// A mode's agent: where it sends, and whether it wraps the handlers instead of the router.
@@ -89,8 +104,8 @@ struct AgentMode<'a> {
 }
 
 impl<'a> AgentMode<'a> {
-    fn on_router(collector: &'a str) -> Option<Self> {
-        Some(Self {
+    fn on_router(collector: &'a str) -> Tracing<'a> {
+        Tracing::Agent(Self {
             collector,
             traced_handlers: false,
         })
@@ -202,13 +217,9 @@ fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// Starts `hello-service` (with the agent sending to `collector`, if given) and waits until it
-/// answers; the process and its URL.
-async fn start_service(
-    binary: &PathBuf,
-    agent: Option<AgentMode<'_>>,
-    args: &Args,
-) -> anyhow::Result<(Service, String)> {
+/// Starts `hello-service` traced as `tracing` says and waits until it answers; the process and
+/// its URL.
+async fn start_service(binary: &PathBuf, tracing: Tracing<'_>, args: &Args) -> anyhow::Result<(Service, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut command = match args.service_cpu {
         Some(cpu) => {
@@ -221,7 +232,10 @@ async fn start_service(
     command
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null());
-    if let Some(agent) = agent {
+    if let Tracing::Peer(peer) = tracing {
+        command.args(["--peer", peer]);
+    }
+    if let Tracing::Agent(agent) = tracing {
         command.args([
             "--collector",
             agent.collector,
@@ -244,8 +258,8 @@ async fn start_service(
     Ok((service, url))
 }
 
-async fn run(binary: &PathBuf, agent: Option<AgentMode<'_>>, args: &Args) -> anyhow::Result<Outcome> {
-    let (service, url) = start_service(binary, agent, args).await?;
+async fn run(binary: &PathBuf, tracing: Tracing<'_>, args: &Args) -> anyhow::Result<Outcome> {
+    let (service, url) = start_service(binary, tracing, args).await?;
     let client = http_client();
     load(&client, &url, args.rate, Duration::from_secs(args.warmup)).await;
     let cpu = cpu_seconds(service.0.id());
@@ -320,13 +334,13 @@ fn latency_bucket(micros: u64) -> u64 {
 /// `--interleave-ms`).
 async fn interleaved(
     binary: &PathBuf,
-    modes: &[(&str, Option<AgentMode<'_>>)],
+    modes: &[(&str, Tracing<'_>)],
     slice: Duration,
     args: &Args,
 ) -> anyhow::Result<()> {
     let mut services = Vec::new();
-    for (_, agent) in modes {
-        services.push(start_service(binary, *agent, args).await?);
+    for (_, tracing) in modes {
+        services.push(start_service(binary, *tracing, args).await?);
     }
     let clients: Vec<HttpClient> = modes.iter().map(|_| http_client()).collect();
     for ((_, url), client) in services.iter().zip(&clients) {
@@ -483,8 +497,10 @@ async fn main() -> anyhow::Result<()> {
     // The modes of a round, in the order they run: the service bare, with the agent, and
     // optionally with the agent while its collector is away. (name, where the agent sends)
     let collector_address = args.agent_collector.as_deref().unwrap_or(&grpc);
-    let mut modes: Vec<(&str, Option<AgentMode>)> =
-        vec![("bare", None), ("agent", AgentMode::on_router(collector_address))];
+    let mut modes: Vec<(&str, Tracing)> = vec![
+        ("bare", Tracing::Bare),
+        ("agent", AgentMode::on_router(collector_address)),
+    ];
     if args.collector_absent_too {
         modes.push(("absent", AgentMode::on_router(CLOSED_PORT)));
     }
@@ -493,7 +509,12 @@ async fn main() -> anyhow::Result<()> {
             collector: collector_address,
             traced_handlers: true,
         };
-        modes.push(("handlers", Some(agent)));
+        modes.push(("handlers", Tracing::Agent(agent)));
+    }
+    if args.peers_too {
+        modes.push(("from_fn", Tracing::Peer("middleware")));
+        modes.push(("fastrace", Tracing::Peer("fastrace")));
+        modes.push(("otel", Tracing::Peer("opentelemetry")));
     }
     if let Some(slice_ms) = args.interleave_ms {
         interleaved(&binary, &modes, Duration::from_millis(slice_ms), &args).await?;
@@ -502,8 +523,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut outcomes: Vec<Vec<Outcome>> = modes.iter().map(|_| Vec::new()).collect();
     for round in 1..=args.rounds.max(1) {
-        for ((name, agent), outcomes) in modes.iter().zip(&mut outcomes) {
-            let o = run(&binary, *agent, &args).await?;
+        for ((name, tracing), outcomes) in modes.iter().zip(&mut outcomes) {
+            let o = run(&binary, *tracing, &args).await?;
             println!(
                 "  round {round} {name:6}  p50 {:7.0} us  p99 {:7.0} us  service CPU {:.4} cores \
                  (exporter {:.4})  errors {}  RSS peak {:.1} MiB, at the end {:.1} MiB",

@@ -5,7 +5,10 @@
 //! server layer are on; without, the same service runs bare. `--db-ms` adds a simulated
 //! database wait to both; `--slow-bt` with `--db-slowdown` makes one BT's database calls
 //! slower, as a regression in a candidate version would. See benches/src/overhead.rs and
-//! examples/tests/gate_end_to_end.rs.
+//! examples/tests/gate_end_to_end.rs. With `--peer`, fastrace or the OpenTelemetry SDK traces
+//! it instead (peers.rs), for comparing what each costs the same service.
+
+mod peers;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -43,12 +46,17 @@ struct Args {
     /// router: no per-route boxed service.
     #[arg(long, requires = "collector")]
     traced_handlers: bool,
+    /// Traced by this peer instead of the agent (its spans discarded, not exported).
+    #[arg(long, value_enum, conflicts_with_all = ["collector", "identity_layer"])]
+    peer: Option<peers::Peer>,
 }
 
 struct Database {
     wait: Duration,
     slow_bt: Option<String>,
     slowdown: f64,
+    /// Who makes the handler's db span: the agent (`None`) or a peer.
+    tracer: Option<peers::Peer>,
 }
 
 impl Database {
@@ -69,7 +77,7 @@ impl Database {
 
 async fn user(State(db): State<Arc<Database>>, axum::extract::Path(id): axum::extract::Path<u64>) -> String {
     db.query("GetUser", "SELECT users").await;
-    let _lookup = sightline::span("SELECT users").client("db", "postgres:users").entered();
+    let _lookup = peers::db_span(db.tracer, "SELECT users", "postgres:users");
     // ~20 us of work standing in for a handler's own code.
     let mut x = id;
     for i in 0..20_000u64 {
@@ -90,7 +98,9 @@ async fn main() -> anyhow::Result<()> {
         wait: Duration::from_secs_f64(args.db_ms / 1000.0),
         slow_bt: args.slow_bt.clone(),
         slowdown: args.db_slowdown,
+        tracer: args.peer,
     });
+    let _peer = args.peer.map(peers::start);
     let _agent = match &args.collector {
         Some(collector) => Some(sightline::init(sightline::Config {
             service: "hello".into(),
@@ -118,6 +128,8 @@ async fn main() -> anyhow::Result<()> {
     let app = app.with_state(database);
     let app = if args.collector.is_some() && !args.traced_handlers {
         app.layer(traced)
+    } else if let Some(peer) = args.peer {
+        peers::layer(app, peer)
     } else if args.identity_layer {
         app.layer(tower::layer::util::Identity::new())
     } else {
