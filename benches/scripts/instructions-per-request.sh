@@ -12,7 +12,8 @@
 # With CACHE_SIM=1, callgrind also simulates the caches and branch predictor (slower) and the
 # script prints, for the request's thread of each mode, its first-level instruction and data
 # misses and mispredicted branches a request: what the code's size and data cost beyond its
-# instruction count, deterministic like it.
+# instruction count, deterministic like it. SAMPLING_RATIO (default 1) is the agent's and the
+# peers' share of traces recorded.
 set -euo pipefail
 requests=${1:-3000}
 bin=${CARGO_TARGET_DIR:-target}/release
@@ -42,7 +43,7 @@ PY
 # Prints the instructions per measured request of one mode.
 measure() {
   local mode=$1 port=$((20000 + RANDOM % 10000))
-  local args=(--listen "127.0.0.1:$port")
+  local args=(--listen "127.0.0.1:$port" --sampling-ratio "${SAMPLING_RATIO:-1}")
   [ "$mode" = agent ] && args+=(--collector "http://127.0.0.1:$sink_port")
   [ "$mode" = handlers ] && args+=(--collector "http://127.0.0.1:$sink_port" --traced-handlers)
   [ "$mode" = identity ] && args+=(--identity-layer)

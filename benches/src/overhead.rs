@@ -42,7 +42,7 @@ struct Args {
     /// Bare/agent pairs, alternating; the medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// The agent's sampling ratio.
+    /// The agent's sampling ratio (and the peers').
     #[arg(long, default_value_t = 1.0)]
     sampling_ratio: f64,
     /// Pin the service to this CPU and this tool (load, collector; ClickHouse inherits) to the
@@ -233,7 +233,7 @@ async fn start_service(binary: &PathBuf, tracing: Tracing<'_>, args: &Args) -> a
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null());
     if let Tracing::Peer(peer) = tracing {
-        command.args(["--peer", peer]);
+        command.args(["--peer", peer, "--sampling-ratio", &args.sampling_ratio.to_string()]);
     }
     if let Tracing::Agent(agent) = tracing {
         command.args([

@@ -22,7 +22,7 @@ struct Args {
     /// Instrument with the agent, sending to this collector.
     #[arg(long)]
     collector: Option<String>,
-    /// Share of transactions whose call chain is recorded.
+    /// Share of transactions whose call chain is recorded (by the agent, or the peer).
     #[arg(long, default_value_t = 1.0)]
     sampling_ratio: f64,
     /// The version this process reports.
@@ -100,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
         slowdown: args.db_slowdown,
         tracer: args.peer,
     });
-    let _peer = args.peer.map(peers::start);
+    let _peer = args.peer.map(|peer| peers::start(peer, args.sampling_ratio));
     let _agent = match &args.collector {
         Some(collector) => Some(sightline::init(sightline::Config {
             service: "hello".into(),

@@ -28,7 +28,7 @@ use opentelemetry::{
 use opentelemetry_sdk::{
     error::OTelSdkResult,
     propagation::{BaggagePropagator, TraceContextPropagator},
-    trace::{BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanData, SpanExporter},
+    trace::{BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter},
 };
 
 /// A tracer to compare the agent with.
@@ -42,6 +42,9 @@ pub enum Peer {
     /// way onto axum costs by itself.
     Middleware,
 }
+
+/// Share of new traces the peer records (`--sampling-ratio`), set once by [`start`].
+static SAMPLING_RATIO: OnceLock<f64> = OnceLock::new();
 
 /// The OpenTelemetry side's tracer and propagator, set once by [`start`].
 struct OpenTelemetry {
@@ -74,8 +77,10 @@ impl fastrace::collector::Reporter for DiscardReporter {
     }
 }
 
-/// Starts `peer`'s pipeline; dropping what it returns flushes it.
-pub fn start(peer: Peer) -> Stopper {
+/// Starts `peer`'s pipeline, recording `sampling_ratio` of the traces that start here (a
+/// caller's decision is followed); dropping what it returns flushes it.
+pub fn start(peer: Peer, sampling_ratio: f64) -> Stopper {
+    let _ = SAMPLING_RATIO.set(sampling_ratio);
     match peer {
         Peer::Fastrace => {
             fastrace::set_reporter(DiscardReporter, fastrace::collector::Config::default());
@@ -83,6 +88,9 @@ pub fn start(peer: Peer) -> Stopper {
         }
         Peer::Opentelemetry => {
             let provider = SdkTracerProvider::builder()
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                    sampling_ratio,
+                ))))
                 .with_span_processor(BatchSpanProcessor::builder(DiscardExporter).build())
                 .build();
             let propagator = TextMapCompositePropagator::new(vec![
@@ -139,7 +147,14 @@ async fn fastrace_entry(request: Request, next: Next) -> Response {
         .get("traceparent")
         .and_then(|value| value.to_str().ok())
         .and_then(SpanContext::decode_w3c_traceparent)
-        .unwrap_or_else(SpanContext::random);
+        .unwrap_or_else(|| {
+            // fastrace leaves sampling to its user: the trace id's low bits decide, as
+            // OpenTelemetry's ratio sampler does.
+            let context = SpanContext::random();
+            let ratio = SAMPLING_RATIO.get().copied().unwrap_or(1.0);
+            let sampled = (context.trace_id.0 as u64) < (ratio * u64::MAX as f64) as u64;
+            context.sampled(sampled || ratio >= 1.0)
+        });
     let root = Span::root(server_span_name(&request), parent);
     // fastrace's `in_span` would take the span, whose status is only known after.
     let mut handling = std::pin::pin!(next.run(request));
