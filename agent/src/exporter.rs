@@ -564,10 +564,8 @@ impl Exporter {
                 _ = tokio::time::sleep_until(wake_at) => {
                     let now = tokio::time::Instant::now();
                     let due = drains.at(now);
-                    // Early drains send too: a second's spans sent at once moved the
-                    // benchmark's p90 (benches/README.md).
                     if due != Drain::None {
-                        self.collect_and_send(&tx, now >= paused_until).await?;
+                        self.collect_and_send(&tx, now >= paused_until, due == Drain::Flush).await?;
                     }
                     if inflight_check.take(now) {
                         if let Some(message) = self.inflight_snapshot() {
@@ -583,7 +581,7 @@ impl Exporter {
                 _ = self.agent.exporter_wake.notified() => {
                     let now = tokio::time::Instant::now();
                     if drains.asked(now) {
-                        self.collect_and_send(&tx, now >= paused_until).await?;
+                        self.collect_and_send(&tx, now >= paused_until, false).await?;
                     }
                 }
                 message = inbound.message() => match message {
@@ -629,14 +627,26 @@ impl Exporter {
     }
 
     /// Drains the threads' rings and, unless sending is paused (`send` false), sends what
-    /// waits. Draining goes on while sending is paused (backpressure): the pending cap, not the
+    /// waits: at a flush all of it, at an early drain only half a ring's notification or more
+    /// (`Agent::early_send_spans`).
+    /// Draining goes on while sending is paused (backpressure): the pending cap, not the
     /// threads' rings, bounds what is held.
-    async fn collect_and_send(&mut self, tx: &mpsc::Sender<Encoded>, send: bool) -> Result<(), String> {
+    async fn collect_and_send(&mut self, tx: &mpsc::Sender<Encoded>, send: bool, flush: bool) -> Result<(), String> {
         self.collect();
-        if send {
+        if send && (flush || self.unsent_spans() >= self.agent.early_send_spans()) {
             self.send_drained(tx).await?;
         }
         Ok(())
+    }
+
+    /// Spans drained and not yet cut into a batch.
+    fn unsent_spans(&self) -> usize {
+        self.pending
+            .iter()
+            .rev()
+            .take_while(|p| p.batch_id == 0)
+            .map(|p| p.span_count)
+            .sum()
     }
 
     /// Cuts what was drained and not yet sent into batches, with the RED so far when it is
