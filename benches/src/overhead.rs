@@ -85,6 +85,11 @@ struct Args {
     /// nothing: the peers' cost on the same request.
     #[arg(long)]
     peers_too: bool,
+    /// Rounds of CPU work in each request's handler (hello-service `--work-rounds`; 20,000 is
+    /// ~20 us here, a 35-us request): the request's weight, against which the tracers' fixed
+    /// cost a request is a share.
+    #[arg(long, default_value_t = 20_000)]
+    work_rounds: u64,
 }
 
 /// How a mode's service is traced.
@@ -231,6 +236,7 @@ async fn start_service(binary: &PathBuf, tracing: Tracing<'_>, args: &Args) -> a
     };
     command
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--work-rounds", &args.work_rounds.to_string()])
         .stdout(Stdio::null());
     if let Tracing::Peer(peer) = tracing {
         command.args(["--peer", peer, "--sampling-ratio", &args.sampling_ratio.to_string()]);
@@ -491,8 +497,8 @@ async fn main() -> anyhow::Result<()> {
     };
 
     println!(
-        "service-overhead: {} requests/s for {} s per mode, {} rounds, agent sampling {}",
-        args.rate, args.seconds, args.rounds, args.sampling_ratio
+        "service-overhead: {} requests/s for {} s per mode, {} rounds, agent sampling {}, handler work {} rounds",
+        args.rate, args.seconds, args.rounds, args.sampling_ratio, args.work_rounds
     );
     // The modes of a round, in the order they run: the service bare, with the agent, and
     // optionally with the agent while its collector is away. (name, where the agent sends)

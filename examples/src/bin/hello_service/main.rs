@@ -49,6 +49,10 @@ struct Args {
     /// Traced by this peer instead of the agent (its spans discarded, not exported).
     #[arg(long, value_enum, conflicts_with_all = ["collector", "identity_layer"])]
     peer: Option<peers::Peer>,
+    /// Rounds of the handler's own CPU work in `GET /users/{id}` (20,000: ~20 us here): the
+    /// request's weight, against which a tracer's fixed cost a request is measured.
+    #[arg(long, default_value_t = 20_000)]
+    work_rounds: u64,
 }
 
 struct Database {
@@ -57,6 +61,8 @@ struct Database {
     slowdown: f64,
     /// Who makes the handler's db span: the agent (`None`) or a peer.
     tracer: Option<peers::Peer>,
+    /// Rounds of CPU work a `GET /users/{id}` does.
+    work_rounds: u64,
 }
 
 impl Database {
@@ -78,9 +84,9 @@ impl Database {
 async fn user(State(db): State<Arc<Database>>, axum::extract::Path(id): axum::extract::Path<u64>) -> String {
     db.query("GetUser", "SELECT users").await;
     let _lookup = peers::db_span(db.tracer, "SELECT users", "postgres:users");
-    // ~20 us of work standing in for a handler's own code.
+    // Work standing in for a handler's own code (~20 us at the default 20,000 rounds).
     let mut x = id;
-    for i in 0..20_000u64 {
+    for i in 0..db.work_rounds {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
     }
     format!("{x}")
@@ -99,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
         slow_bt: args.slow_bt.clone(),
         slowdown: args.db_slowdown,
         tracer: args.peer,
+        work_rounds: args.work_rounds,
     });
     let _peer = args.peer.map(|peer| peers::start(peer, args.sampling_ratio));
     let _agent = match &args.collector {
