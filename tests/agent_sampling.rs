@@ -67,6 +67,18 @@ async fn red_counts_are_exact_at_one_percent_sampling() {
             errors
         }
     );
+    // The database calls too, each request's one (folded by the request's thread when its
+    // trace is not sampled, agent/src/red.rs).
+    let db_calls = eventually("all database calls counted", Duration::from_secs(30), || async {
+        let calls: u64 = ch
+            .query("SELECT sum(calls) FROM latency_1m WHERE bt = 'SendMessage' AND kind = 'client' AND operation = 'INSERT messages'")
+            .fetch_one()
+            .await
+            .unwrap();
+        (calls >= REQUESTS).then_some(calls)
+    })
+    .await;
+    assert_eq!(db_calls, REQUESTS);
     // Spans and latency rows are separate INSERTs: wait for the sampled chains to land too.
     let (stored, db_spans) = eventually("the sampled call chains", Duration::from_secs(20), || async {
         let count = |kind: &'static str| {

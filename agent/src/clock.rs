@@ -84,6 +84,17 @@ pub(crate) fn delta_ns(start: u64, end: u64) -> u64 {
     anchor().clock.delta_as_nanos(start, end)
 }
 
+/// About how many raw ticks `ns` nanoseconds are: the inverse of [`delta_ns`], to within a
+/// tick over minutes (an `f64` of the scale).
+pub(crate) fn ticks_in_ns(ns: u64) -> u64 {
+    static TICKS_PER_NS: OnceLock<f64> = OnceLock::new();
+    let per_ns = *TICKS_PER_NS.get_or_init(|| {
+        const TICKS: u64 = 1 << 40;
+        TICKS as f64 / delta_ns(0, TICKS).max(1) as f64
+    });
+    (ns as f64 * per_ns) as u64
+}
+
 /// A raw reading as Unix nanoseconds.
 pub(crate) fn unix_ns(raw: u64) -> u64 {
     let a = anchor();

@@ -18,12 +18,9 @@ use std::{
 
 use prost::bytes::Bytes;
 use rustc_hash::FxHashMap;
-use sightline_proto::{
-    histogram,
-    v1::{
-        agent_message, collector_message, AgentMessage, Batch, CollectorMessage, Heartbeat, InflightTransaction,
-        LatencyHistogram, Resource, SpanKind, Status as WireStatus,
-    },
+use sightline_proto::v1::{
+    agent_message, collector_message, AgentMessage, Batch, CollectorMessage, Heartbeat, InflightTransaction,
+    LatencyHistogram, Resource, SpanKind, Status as WireStatus,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -35,6 +32,7 @@ use crate::{
     dictionary::Dictionary,
     inflight, otlp,
     recent::Recent,
+    red::{self, RedValue},
     span::{self, Kind, Name, Record, SharedName},
     wire::{self, Encoded, SpanFields},
 };
@@ -139,8 +137,6 @@ impl Drains {
     }
 }
 
-/// RED histograms per 10-second window: short load tests compare in 10-second blocks.
-const RED_WINDOW_SECS: u64 = 10;
 /// RED goes with the first flush this long after the last that carried it: every key's
 /// histogram sorted and encoded at every 100-ms flush was up to a fifth of the exporter's
 /// instructions a request at 2,000 requests/s (`instructions-per-request.sh`), and a second is
@@ -174,41 +170,6 @@ struct RedKey {
     kind: Kind,
     stage: &'static str,
     error: bool,
-}
-
-#[derive(Default, Clone)]
-struct RedValue {
-    calls: u64,
-    errors: u64,
-    sum_micros: u64,
-    /// Count per bucket; sorted when encoded. A `BTreeMap` here cost ~140 exporter
-    /// instructions a span (its node walk and entry API), a hash map ~30.
-    buckets: FxHashMap<u64, u64>,
-}
-
-impl RedValue {
-    fn record(&mut self, micros: u64, error: bool) {
-        self.calls += 1;
-        self.errors += u64::from(error);
-        self.sum_micros += micros;
-        *self.buckets.entry(histogram::bucket_of(micros)).or_insert(0) += 1;
-    }
-
-    /// Buckets and their counts in bucket order, the wire's.
-    fn sorted_buckets(&self) -> (Vec<u64>, Vec<u64>) {
-        let mut buckets: Vec<(u64, u64)> = self.buckets.iter().map(|(&b, &c)| (b, c)).collect();
-        buckets.sort_unstable();
-        buckets.into_iter().unzip()
-    }
-
-    fn add(&mut self, other: RedValue) {
-        self.calls += other.calls;
-        self.errors += other.errors;
-        self.sum_micros += other.sum_micros;
-        for (bucket, count) in other.buckets {
-            *self.buckets.entry(bucket).or_insert(0) += count;
-        }
-    }
 }
 
 /// RED per key. Keys are found by a fingerprint of their parts, so that a span whose key exists
@@ -341,7 +302,16 @@ impl RedTable {
     /// Adds RED taken out earlier (a dropped batch's) back in.
     fn add(&mut self, key: RedKey, value: RedValue) {
         let index = self.index_of(key.parts());
-        self.entries[index as usize].1.add(value);
+        self.entries[index as usize].1.add(&value);
+    }
+
+    /// Records the durations (raw clock ticks) of one key gathered by an application thread.
+    fn record_all(&mut self, key: KeyParts<'_>, durations: &[u64]) {
+        let index = self.index_of(key);
+        let value = &mut self.entries[index as usize].1;
+        for &ticks in durations {
+            value.record(clock::delta_ns(0, ticks).div_ceil(1000), key.error);
+        }
     }
 
     /// The entry of `key`, made empty if it is new.
@@ -364,17 +334,6 @@ impl RedTable {
 
     fn clear(&mut self) {
         self.drain();
-    }
-}
-
-/// The stage a span's time belongs to.
-fn stage(span: &Record) -> &'static str {
-    match (span.kind, span.component.as_ref()) {
-        (_, "db") => "db",
-        (_, "cache") => "cache",
-        (_, "mq") => "mq",
-        (Kind::Client, _) => "downstream",
-        _ => "own",
     }
 }
 
@@ -677,22 +636,38 @@ impl Exporter {
             if written.capacity() == 0 {
                 written.reserve_exact(if keep { records * SPAN_BYTES_GUESS } else { 0 });
             }
+            // What the thread folded itself (spans of unsampled traces), key by key.
+            batch.red.take(|key, latencies| {
+                let (bt, operation) = (SharedName::Static(key.bt), Name::Borrowed(key.operation));
+                let parts = KeyParts {
+                    window: key.window,
+                    bt: &bt,
+                    operation: &operation,
+                    kind: key.kind,
+                    stage: key.stage(),
+                    error: false,
+                };
+                red.record_all(parts, latencies);
+            });
             bt_ids.clear();
             bt_ids.resize(batch.traces.len(), u32::MAX);
-            // Holes (span id 0) are spans that were still open and moved to a later batch.
-            // Read in place (moving each 128-byte record out cost more than reading it); the
-            // drain clears the buffer after.
+            // Holes (span id 0) are spans that were still open and moved to a later batch, or
+            // folded by their thread. Read in place (moving each 128-byte record out cost more
+            // than reading it); the drain clears the buffer after.
             for span in batch.records().iter().filter(|r| r.span_id != 0) {
-                let trace = &batch.traces[span.trace as usize];
+                // A span its thread left open when it ended has no trace yet (span.rs).
+                let Some(trace) = batch.traces.get(span.trace as usize) else {
+                    continue;
+                };
                 let start_unix_ns = clock::unix_ns(span.start_raw);
                 let duration_ns = clock::delta_ns(span.start_raw, span.end_raw);
                 let error = span.detail.as_ref().is_some_and(|d| d.error.is_some());
                 let key = KeyParts {
-                    window: start_unix_ns / 1_000_000_000 / RED_WINDOW_SECS * RED_WINDOW_SECS,
+                    window: start_unix_ns / 1_000_000_000 / red::RED_WINDOW_SECS * red::RED_WINDOW_SECS,
                     bt: &trace.bt,
                     operation: &span.operation,
                     kind: span.kind,
-                    stage: stage(span),
+                    stage: red::stage(span.kind, &span.component),
                     error,
                 };
                 red.record(key, duration_ns.div_ceil(1000));

@@ -55,6 +55,7 @@ mod names;
 mod otlp;
 pub mod propagation;
 mod recent;
+mod red;
 #[cfg(feature = "reqwest")]
 pub mod reqwest;
 mod span;

@@ -26,6 +26,7 @@ use crate::{
     clock::{self, ids},
     inflight,
     propagation::RemoteContext,
+    red::{self, LocalRed},
 };
 
 /// Names: static strings cost nothing, owned ones are kept as they are.
@@ -238,6 +239,8 @@ pub(crate) struct Batch {
     /// details, and dropping each of their records (a check of four fields) was a tenth of a
     /// span's work on the application thread and work again on the exporter's.
     heap: bool,
+    /// RED of spans the thread folded itself instead of writing records (unsampled traces).
+    pub(crate) red: LocalRed,
 }
 
 impl Batch {
@@ -247,6 +250,7 @@ impl Batch {
             traces: Vec::with_capacity(traces),
             records: Vec::with_capacity(records),
             heap: false,
+            red: LocalRed::new(),
         }
     }
 
@@ -336,6 +340,10 @@ impl Frame {
 
 const NO_RECORD: u32 = u32::MAX;
 
+/// The trace slot of an unsampled span's record while it is open: its trace joins the batch
+/// only if the record stays (most are folded into RED at their end, see [`LocalRed`]).
+const NO_TRACE: u32 = u32::MAX;
+
 /// This thread's state: entered spans, the batch being filled, its ring to the exporter.
 struct Local {
     stack: Vec<Frame>,
@@ -377,6 +385,7 @@ impl Local {
                 traces: Vec::new(),
                 records: Vec::new(),
                 heap: false,
+                red: LocalRed::new(),
             },
             id_state: 0,
             recycled: Vec::new(),
@@ -468,7 +477,8 @@ impl Local {
     /// the thread leaves instrumented code is parked for it.
     #[inline]
     fn after_end(&mut self) {
-        if self.batch.records.len() >= FLUSH_AT {
+        let red = &self.batch.red;
+        if self.batch.records.len() >= FLUSH_AT || red.folded >= red::FOLDS_PER_HAND_OFF || red.stale {
             self.hand_off();
         } else if self.stack.is_empty() {
             self.leave();
@@ -592,9 +602,26 @@ impl Local {
         };
         if let Some(i) = found {
             let frame = &self.stack[i];
-            if let Some(record) = self.batch.records.get_mut(frame.record as usize) {
+            let index = frame.record as usize;
+            let mut needs_trace = false;
+            if let Some(record) = self.batch.records.get_mut(index) {
                 record.end_raw = end_raw;
+                if !frame.sampled && self.batch.red.fold(&frame.trace().ctx, record) {
+                    // Its RED is kept here: the record goes (a hole while others follow it).
+                    record.span_id = 0;
+                    if index + 1 == self.batch.records.len() {
+                        self.batch.truncate(index);
+                    }
+                } else {
+                    needs_trace = record.trace == NO_TRACE;
+                }
             }
+            if needs_trace {
+                // SAFETY: a frame on the stack owns it (see `Frame::owner`).
+                let slot = self.slot_of_entry(unsafe { self.stack[i].trace.as_ref() });
+                self.batch.records[index].trace = slot;
+            }
+            let frame = &self.stack[i];
             if frame.at_end != AtEnd::Nothing {
                 frame.at_end.run(&frame.trace().ctx);
             }
@@ -622,12 +649,13 @@ impl Local {
     /// The agent, with this thread's ring made, when the batch has records for it; otherwise
     /// the batch is emptied and `None`.
     fn agent_for_batch(&mut self) -> Option<&'static agent::Agent> {
-        if self.batch.records.is_empty() {
+        if self.batch.records.is_empty() && self.batch.red.is_empty() {
             self.clear_traces();
             return None;
         }
         let Some(agent) = agent::get() else {
             self.batch.clear_records();
+            self.batch.red.clear();
             self.clear_traces();
             return None;
         };
@@ -708,6 +736,14 @@ impl Local {
         }
     }
 
+    /// Keeps `trace` for a transaction to come when nothing else holds it. Contexts of sampled
+    /// transactions come back from the exporter (see [`Local::take_spare`]); those of folded
+    /// ones never leave the thread.
+    #[inline]
+    fn recycle(&mut self, trace: Arc<TraceCtx>) {
+        recycle_into(&mut self.recycled, trace);
+    }
+
     fn scoped_entry(&mut self, trace: &Arc<TraceCtx>) -> Rc<TraceEntry> {
         if let Some(entry) = &mut self.last_scoped {
             if Arc::ptr_eq(&entry.ctx, trace) {
@@ -716,7 +752,8 @@ impl Local {
             // No frame holds the last one (its request's poll is over): reused for this trace
             // rather than freed and allocated again, once per request.
             if let Some(reused) = Rc::get_mut(entry) {
-                reused.ctx = trace.clone();
+                let previous = std::mem::replace(&mut reused.ctx, trace.clone());
+                recycle_into(&mut self.recycled, previous);
                 reused.generation.set(u32::MAX);
                 reused.slot.set(0);
                 return entry.clone();
@@ -791,6 +828,14 @@ thread_local! {
 
 /// Trace contexts a thread keeps for reuse.
 const RECYCLED_TRACES: usize = 64;
+
+/// See [`Local::recycle`].
+#[inline]
+fn recycle_into(recycled: &mut Vec<Arc<TraceCtx>>, trace: Arc<TraceCtx>) {
+    if recycled.len() < RECYCLED_TRACES && Arc::strong_count(&trace) == 1 && Arc::weak_count(&trace) == 0 {
+        recycled.push(trace);
+    }
+}
 
 /// `fields` in a context of this thread's recycled ones when one is there, else a new one.
 fn new_trace_ctx(fields: TraceCtx) -> Arc<TraceCtx> {
@@ -1225,7 +1270,7 @@ impl SpanBuilder {
             trace.ctx.current_call.enter(&operation, &peer);
         }
         let span_id = local.next_id();
-        let slot = local.slot_of_entry(trace);
+        let slot = if sampled { local.slot_of_entry(trace) } else { NO_TRACE };
         let start_raw = clock::now_raw();
         let index = local.batch.records.len() as u32;
         local.batch.heap |=
@@ -1404,6 +1449,11 @@ impl Drop for Span {
         // A pending scope stays so: a record written leaves the stack as it is.
         with_local_unsettled(|local| {
             local.resume();
+            if !trace.sampled && local.batch.red.fold(&trace, &record) {
+                local.recycle(trace);
+                local.after_end();
+                return;
+            }
             let slot = local.slot_of(&trace);
             local.push_record(Record { trace: slot, ..record });
         });

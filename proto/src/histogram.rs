@@ -22,14 +22,22 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 /// The bucket value a latency falls into: what is stored and sent for it.
+///
+/// The layout's `highest_equivalent`, worked out without a histogram: application threads fold
+/// RED themselves (the agent), and a histogram to ask (~26 KB) on every such thread, behind a
+/// lazily made thread-local, cost more than the answer. With a lowest value of 1 and 2
+/// significant digits, hdrhistogram keeps 256 sub-buckets per power of two: values below 256
+/// are their own buckets, and above, a value's bits below its top 8 are what its bucket holds
+/// alike. `bucket_of_is_the_layouts_highest_equivalent` checks this against hdrhistogram.
+#[inline]
 pub fn bucket_of(micros: u64) -> u64 {
-    LAYOUT.with(|h| h.highest_equivalent(clamp(micros)))
+    let value = clamp(micros);
+    let shared_bits = (u64::BITS - value.leading_zeros()).saturating_sub(SUB_BUCKET_BITS);
+    value | ((1u64 << shared_bits) - 1)
 }
 
-thread_local! {
-    // highest_equivalent only reads the layout, so one empty histogram per thread serves.
-    static LAYOUT: Histogram<u64> = new_histogram();
-}
+/// log2 of the layout's sub-buckets per power of two (2 significant digits: 256).
+const SUB_BUCKET_BITS: u32 = 8;
 
 fn clamp(micros: u64) -> u64 {
     micros.clamp(LOWEST_MICROS, HIGHEST_MICROS)
@@ -87,6 +95,33 @@ pub fn sparse_quantiles<const N: usize>(pairs: impl IntoIterator<Item = (u64, u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_of_is_the_layouts_highest_equivalent() {
+        let layout = new_histogram();
+        let check = |micros: u64| {
+            assert_eq!(
+                bucket_of(micros),
+                layout.highest_equivalent(clamp(micros)),
+                "{micros} us"
+            )
+        };
+        (0..1_100_000).for_each(check);
+        for shift in 0..64 {
+            let power = 1u64 << shift;
+            [power - 1, power, power + 1, power | (power >> 1)]
+                .into_iter()
+                .for_each(check);
+        }
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            check(x % (2 * HIGHEST_MICROS));
+        }
+        check(u64::MAX);
+    }
 
     #[test]
     fn sparse_quantiles_answer_what_the_rebuilt_histogram_answers() {
