@@ -637,18 +637,20 @@ impl Exporter {
                 written.reserve_exact(if keep { records * SPAN_BYTES_GUESS } else { 0 });
             }
             // What the thread folded itself (spans of unsampled traces), key by key.
-            batch.red.take(|key, latencies| {
-                let (bt, operation) = (SharedName::Static(key.bt), Name::Borrowed(key.operation));
-                let parts = KeyParts {
-                    window: key.window,
-                    bt: &bt,
-                    operation: &operation,
-                    kind: key.kind,
-                    stage: key.stage(),
-                    error: false,
-                };
-                red.record_all(parts, latencies);
-            });
+            if let Some(folded) = batch.red.as_deref_mut() {
+                folded.take(|key, latencies| {
+                    let (bt, operation) = (SharedName::Static(key.bt), Name::Borrowed(key.operation));
+                    let parts = KeyParts {
+                        window: key.window,
+                        bt: &bt,
+                        operation: &operation,
+                        kind: key.kind,
+                        stage: key.stage(),
+                        error: false,
+                    };
+                    red.record_all(parts, latencies);
+                });
+            }
             bt_ids.clear();
             bt_ids.resize(batch.traces.len(), u32::MAX);
             // Holes (span id 0) are spans that were still open and moved to a later batch, or

@@ -183,21 +183,6 @@ impl std::fmt::Debug for RedValue {
 }
 
 impl LocalRed {
-    /// Empty (a `const` thread-local's batch holds one).
-    pub(crate) const fn new() -> Self {
-        Self {
-            entries: Vec::new(),
-            windows: WindowCache {
-                from_raw: 0,
-                until_raw: 0,
-                window: 0,
-            },
-            folded: 0,
-            first_window: 0,
-            stale: false,
-        }
-    }
-
     pub(crate) fn is_empty(&self) -> bool {
         self.folded == 0
     }

@@ -240,7 +240,9 @@ pub(crate) struct Batch {
     /// span's work on the application thread and work again on the exporter's.
     heap: bool,
     /// RED of spans the thread folded itself instead of writing records (unsampled traces).
-    pub(crate) red: LocalRed,
+    /// Boxed, made at the first fold: a batch is moved whole at every parking (twice a
+    /// request), and the table inline made each move a copy of twice the bytes.
+    pub(crate) red: Option<Box<LocalRed>>,
 }
 
 impl Batch {
@@ -250,7 +252,7 @@ impl Batch {
             traces: Vec::with_capacity(traces),
             records: Vec::with_capacity(records),
             heap: false,
-            red: LocalRed::new(),
+            red: None,
         }
     }
 
@@ -385,7 +387,7 @@ impl Local {
                 traces: Vec::new(),
                 records: Vec::new(),
                 heap: false,
-                red: LocalRed::new(),
+                red: None,
             },
             id_state: 0,
             recycled: Vec::new(),
@@ -477,8 +479,12 @@ impl Local {
     /// the thread leaves instrumented code is parked for it.
     #[inline]
     fn after_end(&mut self) {
-        let red = &self.batch.red;
-        if self.batch.records.len() >= FLUSH_AT || red.folded >= red::FOLDS_PER_HAND_OFF || red.stale {
+        let (folded, stale) = self
+            .batch
+            .red
+            .as_ref()
+            .map_or((0, false), |red| (red.folded, red.stale));
+        if self.batch.records.len() >= FLUSH_AT || folded >= red::FOLDS_PER_HAND_OFF || stale {
             self.hand_off();
         } else if self.stack.is_empty() {
             self.leave();
@@ -606,7 +612,13 @@ impl Local {
             let mut needs_trace = false;
             if let Some(record) = self.batch.records.get_mut(index) {
                 record.end_raw = end_raw;
-                if !frame.sampled && self.batch.red.fold(&frame.trace().ctx, record) {
+                if !frame.sampled
+                    && self
+                        .batch
+                        .red
+                        .get_or_insert_with(Box::default)
+                        .fold(&frame.trace().ctx, record)
+                {
                     // Its RED is kept here: the record goes (a hole while others follow it).
                     record.span_id = 0;
                     if index + 1 == self.batch.records.len() {
@@ -649,13 +661,15 @@ impl Local {
     /// The agent, with this thread's ring made, when the batch has records for it; otherwise
     /// the batch is emptied and `None`.
     fn agent_for_batch(&mut self) -> Option<&'static agent::Agent> {
-        if self.batch.records.is_empty() && self.batch.red.is_empty() {
+        if self.batch.records.is_empty() && self.batch.red.as_ref().is_none_or(|red| red.is_empty()) {
             self.clear_traces();
             return None;
         }
         let Some(agent) = agent::get() else {
             self.batch.clear_records();
-            self.batch.red.clear();
+            if let Some(red) = &mut self.batch.red {
+                red.clear();
+            }
             self.clear_traces();
             return None;
         };
@@ -1449,7 +1463,7 @@ impl Drop for Span {
         // A pending scope stays so: a record written leaves the stack as it is.
         with_local_unsettled(|local| {
             local.resume();
-            if !trace.sampled && local.batch.red.fold(&trace, &record) {
+            if !trace.sampled && local.batch.red.get_or_insert_with(Box::default).fold(&trace, &record) {
                 local.recycle(trace);
                 local.after_end();
                 return;
