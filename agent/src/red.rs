@@ -28,6 +28,11 @@ const LOCAL_KEYS: usize = 64;
 /// leaves instrumented code (its parked batch is taken at every drain otherwise).
 pub(crate) const FOLDS_PER_HAND_OFF: u32 = 4096;
 
+/// Spans a batch folds at most (8 bytes each): when the exporter is behind and the batch
+/// cannot go, later spans go as records, which the thread drops and counts past its queue's
+/// bound (span.rs), so what a thread holds stays bounded.
+const MAX_FOLDS: u32 = 4 * FOLDS_PER_HAND_OFF;
+
 #[derive(Default, Clone)]
 pub(crate) struct RedValue {
     pub calls: u64,
@@ -208,6 +213,9 @@ impl LocalRed {
 
     #[inline]
     fn add(&mut self, key: StaticKey, ticks: u64) -> bool {
+        if self.folded >= MAX_FOLDS {
+            return false;
+        }
         let latencies = match self.entries.iter().position(|(k, _)| *k == key) {
             Some(i) => &mut self.entries[i].1,
             None => {
@@ -323,5 +331,9 @@ mod tests {
             .collect();
         let kept = names.iter().filter(|name| red.add(key(120, name), 1)).count();
         assert_eq!(kept, LOCAL_KEYS - 1, "one key was there already");
+        // Bounded in spans too.
+        let folded = (0..MAX_FOLDS).filter(|_| red.add(key(120, names[0]), 1)).count() as u32;
+        assert_eq!(folded, MAX_FOLDS - LOCAL_KEYS as u32);
+        assert!(!red.add(key(120, names[0]), 1), "full");
     }
 }
