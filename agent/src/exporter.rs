@@ -837,9 +837,8 @@ impl Exporter {
     /// Transactions open longer than the threshold, with the call each is inside. Sent once and
     /// not kept: a snapshot is about now, and an old one must not be resent after a reconnect.
     fn inflight_snapshot(&mut self) -> Option<Encoded> {
-        let now = crate::clock::unix_ns(crate::clock::now_raw());
-        let threshold = self.config.inflight_threshold.as_nanos() as u64;
-        let stuck = inflight::older_than(now.saturating_sub(threshold));
+        let threshold = clock::ticks_in_ns(self.config.inflight_threshold.as_nanos() as u64);
+        let stuck = inflight::older_than(clock::now_raw().saturating_sub(threshold));
         if stuck.is_empty() {
             return None;
         }
@@ -852,7 +851,7 @@ impl Exporter {
                 span_id: trace.entry_span_id,
                 business_transaction: dictionary.id(&trace.bt),
                 operation: dictionary.id(&trace.entry_operation),
-                start_unix_nanos: trace.start_unix_ns,
+                start_unix_nanos: clock::unix_ns(trace.start_raw),
                 current_span_operation: call.as_ref().map_or(0, |c| dictionary.id(&c.0)),
                 current_span_peer: call.as_ref().map_or(0, |c| dictionary.id(&c.1)),
             })
@@ -1051,7 +1050,7 @@ mod tests {
             bt: SharedName::Static("Import"),
             entry_operation: SharedName::Static("POST /import"),
             entry_span_id: 1,
-            start_unix_ns: 0,
+            start_raw: 0,
             current_call: Default::default(),
             inflight_slot: Default::default(),
         });

@@ -199,13 +199,14 @@ fn static_call_id(operation: &'static str, peer: &'static str) -> Option<u32> {
     Some(id)
 }
 
-/// A copy of every transaction open since before `started_before_unix_ns`, with its call.
+/// A copy of every transaction open since before `started_before_raw` (a raw clock reading),
+/// with its call.
 ///
 /// A shard's lock is held only to pick its old transactions out; their calls are read after it
 /// is let go. Transactions start and end under that lock, and the exporter runs at a lower
 /// priority: the shorter it holds the lock, the rarer a request waits on an exporter that was
 /// taken off its core while holding it (thousands of transactions can be open in a stall).
-pub(crate) fn older_than(started_before_unix_ns: u64) -> Vec<(Arc<TraceCtx>, Option<Call>)> {
+pub(crate) fn older_than(started_before_raw: u64) -> Vec<(Arc<TraceCtx>, Option<Call>)> {
     let mut old = Vec::new();
     for shard in &REGISTRY {
         let Ok(shard) = shard.lock() else { continue };
@@ -214,7 +215,7 @@ pub(crate) fn older_than(started_before_unix_ns: u64) -> Vec<(Arc<TraceCtx>, Opt
                 .open
                 .iter()
                 .flatten()
-                .filter(|t| t.start_unix_ns < started_before_unix_ns)
+                .filter(|t| t.start_raw < started_before_raw)
                 .cloned(),
         );
     }
@@ -238,7 +239,7 @@ mod tests {
             bt: SharedName::Static("Login"),
             entry_operation: SharedName::Static("POST /login"),
             entry_span_id,
-            start_unix_ns: 1,
+            start_raw: 1,
             current_call: Default::default(),
             inflight_slot: Default::default(),
         })
