@@ -665,7 +665,7 @@ impl Exporter {
                 let duration_ns = clock::delta_ns(span.start_raw, span.end_raw);
                 let error = span.detail.as_ref().is_some_and(|d| d.error.is_some());
                 let key = KeyParts {
-                    window: start_unix_ns / 1_000_000_000 / red::RED_WINDOW_SECS * red::RED_WINDOW_SECS,
+                    window: red::window_at(start_unix_ns),
                     bt: &trace.bt,
                     operation: &span.operation,
                     kind: span.kind,

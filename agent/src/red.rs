@@ -80,10 +80,16 @@ pub(crate) fn stage(kind: Kind, component: &str) -> &'static str {
     }
 }
 
-/// The RED window (unix seconds) of a span started at `start_raw`.
+/// The RED window (Unix seconds) of a span started at `start_raw`.
 #[inline]
 pub(crate) fn window_of(start_raw: u64) -> u64 {
-    clock::unix_ns(start_raw) / 1_000_000_000 / RED_WINDOW_SECS * RED_WINDOW_SECS
+    window_at(clock::unix_ns(start_raw))
+}
+
+/// The RED window (Unix seconds) holding the instant `unix_ns`.
+#[inline]
+pub(crate) fn window_at(unix_ns: u64) -> u64 {
+    unix_ns / 1_000_000_000 / RED_WINDOW_SECS * RED_WINDOW_SECS
 }
 
 /// Raw readings known to fall in one RED window: a span's window from two compares instead of
@@ -100,7 +106,7 @@ impl WindowCache {
     /// ticks, less a millisecond's worth at each end for the conversion's rounding.
     fn around(raw: u64) -> Self {
         let unix_ns = clock::unix_ns(raw);
-        let window = unix_ns / 1_000_000_000 / RED_WINDOW_SECS * RED_WINDOW_SECS;
+        let window = window_at(unix_ns);
         let since_start_ns = unix_ns - window * 1_000_000_000;
         let until_end_ns = (window + RED_WINDOW_SECS) * 1_000_000_000 - unix_ns;
         let margin = clock::ticks_in_ns(1_000_000);
