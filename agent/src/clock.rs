@@ -141,12 +141,21 @@ pub(crate) mod ids {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1
     }
 
-    pub(crate) fn trace_id() -> u128 {
-        (u128::from(next_u64()) << 64) | u128::from(next_u64())
+    /// A new trace's id and whether it is sampled (true with probability `ratio`), from one
+    /// visit to the generator.
+    pub(crate) fn new_trace(ratio: f64) -> (u128, bool) {
+        STATE.with(|s| {
+            let mut state = s.get();
+            let high = step(&mut state);
+            let low = step(&mut state);
+            let sampled = ratio >= 1.0 || (ratio > 0.0 && unit(step(&mut state)) < ratio);
+            s.set(state);
+            ((u128::from(high) << 64) | u128::from(low), sampled)
+        })
     }
 
-    /// True with probability `ratio`.
-    pub(crate) fn sample(ratio: f64) -> bool {
-        ratio >= 1.0 || (ratio > 0.0 && ((next_u64() >> 11) as f64 / (1u64 << 53) as f64) < ratio)
+    /// `id` as a number in [0, 1).
+    fn unit(id: u64) -> f64 {
+        (id >> 11) as f64 / (1u64 << 53) as f64
     }
 }

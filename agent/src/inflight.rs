@@ -123,6 +123,16 @@ impl CurrentCall {
         self.id.store(OWNED_CALL, Ordering::Release);
     }
 
+    /// Empty again, for a context reused by another transaction (nothing else holds it).
+    pub(crate) fn reset(&mut self) {
+        *self.id.get_mut() = 0;
+        if let Ok(owned) = self.owned.get_mut() {
+            if owned.is_some() {
+                *owned = None;
+            }
+        }
+    }
+
     pub(crate) fn leave(&self) {
         if self.id.swap(0, Ordering::AcqRel) == OWNED_CALL {
             self.clear_owned();

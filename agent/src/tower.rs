@@ -28,7 +28,7 @@ use tower::{Layer, Service};
 
 use crate::{
     names, propagation,
-    span::{Kind, Name, Span, SpanBuilder},
+    span::{Name, Span, SpanBuilder},
 };
 
 type NamingRule = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -125,11 +125,7 @@ impl Entry {
                 (operation, bt, grpc)
             }
         };
-        let mut builder = SpanBuilder::new(operation, Kind::Server, None).child_of(remote);
-        if let Some(bt) = bt {
-            builder = builder.business_transaction(bt);
-        }
-        (builder.start(), grpc)
+        (SpanBuilder::server_entry(operation, bt, remote).start(), grpc)
     }
 
     /// The operation and its BT (`None`: the operation is its own). Interned names after an
