@@ -6,20 +6,12 @@
 //! periodic snapshot. Calls out (client spans, sampled or not) note themselves as the
 //! transaction's current call.
 
-use std::{
-    cell::RefCell,
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc, Mutex,
-    },
+use std::sync::{
+    atomic::{AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Ordering},
+    Arc, Mutex,
 };
 
-use rustc_hash::FxHashMap;
-
-use crate::{
-    recent::Recent,
-    span::{Call, Name, TraceCtx},
-};
+use crate::span::{Call, Name, TraceCtx};
 
 const SHARDS: usize = 16;
 
@@ -79,17 +71,29 @@ pub(crate) fn unregister(trace: &TraceCtx) {
 }
 
 /// The call out an open transaction is inside now: noted by every client span at its start and
-/// end, read by the snapshot once a second. A call of static names (nearly all) is noted as
-/// the id of its interned pair with one atomic store; a mutex held the names before, ~150
-/// instructions a call (`instructions-per-request.sh`).
+/// end, read by the snapshot once a second. A call of static names (nearly all) is noted as the
+/// names' addresses and lengths, written under a sequence lock: a few plain stores on the
+/// span's path, where looking the pair's id up in an interned table cost ~90 instructions a
+/// call (`instructions-per-request.sh`) and a mutex over the names ~150 before that. Owned
+/// names go in a mutex.
 #[derive(Debug, Default)]
 pub(crate) struct CurrentCall {
-    /// 0: none; [`OWNED_CALL`]: in `owned`; else the pair's index in [`CALLS`] plus one.
-    id: AtomicU32,
+    /// Even while the names below are whole, odd while a writer changes them. A writer takes
+    /// it with a compare-exchange (a transaction's spans may end on two threads at once); the
+    /// reader retries until it reads the same even value before and after them.
+    sequence: AtomicU32,
+    /// [`NO_CALL`], [`STATIC_CALL`] (the names below) or [`OWNED_CALL`] (in `owned`).
+    state: AtomicU8,
+    operation: AtomicPtr<u8>,
+    operation_len: AtomicUsize,
+    peer: AtomicPtr<u8>,
+    peer_len: AtomicUsize,
     owned: Mutex<Option<Call>>,
 }
 
-const OWNED_CALL: u32 = u32::MAX;
+const NO_CALL: u8 = 0;
+const STATIC_CALL: u8 = 1;
+const OWNED_CALL: u8 = 2;
 
 impl CurrentCall {
     /// Notes the call (operation, peer) as the current one. Inline, reading the names' parts
@@ -104,14 +108,11 @@ impl CurrentCall {
         }
     }
 
+    #[inline]
     fn enter_static(&self, operation: &'static str, peer: &'static str) {
-        match static_call_id(operation, peer) {
-            Some(id) => {
-                if self.id.swap(id, Ordering::AcqRel) == OWNED_CALL {
-                    self.clear_owned();
-                }
-            }
-            None => self.enter_owned(operation, peer),
+        self.write_names(operation, peer);
+        if self.state.swap(STATIC_CALL, Ordering::Release) == OWNED_CALL {
+            self.clear_owned();
         }
     }
 
@@ -120,23 +121,46 @@ impl CurrentCall {
         if let Ok(mut owned) = self.owned.lock() {
             *owned = Some((Name::Owned(operation.into()), Name::Owned(peer.into())));
         }
-        self.id.store(OWNED_CALL, Ordering::Release);
+        self.state.store(OWNED_CALL, Ordering::Release);
     }
 
-    /// Empty again, for a context reused by another transaction (nothing else holds it).
-    pub(crate) fn reset(&mut self) {
-        *self.id.get_mut() = 0;
-        if let Ok(owned) = self.owned.get_mut() {
-            if owned.is_some() {
-                *owned = None;
-            }
-        }
-    }
-
+    /// The state alone changes: the names stay whole for a reader that saw the call a moment
+    /// before.
+    #[inline]
     pub(crate) fn leave(&self) {
-        if self.id.swap(0, Ordering::AcqRel) == OWNED_CALL {
+        if self.state.swap(NO_CALL, Ordering::Release) == OWNED_CALL {
             self.clear_owned();
         }
+    }
+
+    /// Writes the static names with the sequence held odd. Only the names need it: `state` is
+    /// one value, and a reader that sees [`STATIC_CALL`] reads whichever whole pair is there.
+    #[inline(always)]
+    fn write_names(&self, operation: &'static str, peer: &'static str) {
+        let mut spins = 0u32;
+        let even = loop {
+            let seen = self.sequence.load(Ordering::Relaxed);
+            if seen & 1 == 0
+                && self
+                    .sequence
+                    .compare_exchange_weak(seen, seen.wrapping_add(1), Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                break seen;
+            }
+            // Another thread of the transaction is noting a call: a few stores.
+            spins += 1;
+            if spins % 64 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        };
+        self.operation.store(operation.as_ptr().cast_mut(), Ordering::Relaxed);
+        self.operation_len.store(operation.len(), Ordering::Relaxed);
+        self.peer.store(peer.as_ptr().cast_mut(), Ordering::Relaxed);
+        self.peer_len.store(peer.len(), Ordering::Relaxed);
+        self.sequence.store(even.wrapping_add(2), Ordering::Release);
     }
 
     fn clear_owned(&self) {
@@ -145,68 +169,54 @@ impl CurrentCall {
         }
     }
 
+    /// Empty again, for a context reused by another transaction (nothing else holds it).
+    #[inline]
+    pub(crate) fn reset(&mut self) {
+        if std::mem::replace(self.state.get_mut(), NO_CALL) == OWNED_CALL {
+            if let Ok(owned) = self.owned.get_mut() {
+                *owned = None;
+            }
+        }
+    }
+
     pub(crate) fn get(&self) -> Option<Call> {
-        match self.id.load(Ordering::Acquire) {
-            0 => None,
-            OWNED_CALL => self.owned.lock().ok().and_then(|owned| owned.clone()),
-            id => {
-                let calls = CALLS.lock().ok()?;
-                let &(operation, peer) = calls.pairs.get(id as usize - 1)?;
-                Some((Name::Borrowed(operation), Name::Borrowed(peer)))
+        loop {
+            let before = self.sequence.load(Ordering::Acquire);
+            if before & 1 == 1 {
+                std::thread::yield_now();
+                continue;
             }
+            let state = self.state.load(Ordering::Acquire);
+            let operation = (
+                self.operation.load(Ordering::Relaxed),
+                self.operation_len.load(Ordering::Relaxed),
+            );
+            let peer = (self.peer.load(Ordering::Relaxed), self.peer_len.load(Ordering::Relaxed));
+            std::sync::atomic::fence(Ordering::Acquire);
+            if self.sequence.load(Ordering::Relaxed) != before {
+                continue;
+            }
+            return match state {
+                NO_CALL => None,
+                OWNED_CALL => self.owned.lock().ok().and_then(|owned| owned.clone()),
+                _ => {
+                    // SAFETY: read between two equal even sequence values, so written together
+                    // by one `enter_static`, from the parts of two `&'static str`.
+                    let (operation, peer) = unsafe { (static_str(operation), static_str(peer)) };
+                    Some((Name::Borrowed(operation), Name::Borrowed(peer)))
+                }
+            };
         }
     }
 }
 
-/// Calls of static names, each pair once (static texts by address: an address of a
-/// `&'static str` never holds other text).
-struct CallTable {
-    ids: FxHashMap<CallKey, u32>,
-    pairs: Vec<(&'static str, &'static str)>,
-}
-
-type CallKey = (usize, usize, usize, usize);
-
-/// Pairs kept; past it calls are noted by name (a program has few static call names).
-const MAX_CALLS: usize = 4096;
-
-static CALLS: Mutex<CallTable> = Mutex::new(CallTable {
-    ids: FxHashMap::with_hasher(rustc_hash::FxBuildHasher),
-    pairs: Vec::new(),
-});
-
-thread_local! {
-    /// Pairs this thread noted lately: the table's lock only on a miss.
-    static CALL_IDS: RefCell<Recent<CallKey, u32, 64>> = const { RefCell::new(Recent::new()) };
-}
-
-fn static_call_id(operation: &'static str, peer: &'static str) -> Option<u32> {
-    let key = (
-        operation.as_ptr() as usize,
-        operation.len(),
-        peer.as_ptr() as usize,
-        peer.len(),
-    );
-    let hash = (key.0 ^ key.2.rotate_left(23) ^ key.1.rotate_left(47) ^ key.3) as u64;
-    let cached = CALL_IDS.with_borrow(|ids| ids.get(hash, &key));
-    if cached.is_some() {
-        return cached;
-    }
-    let id = {
-        let mut calls = CALLS.lock().ok()?;
-        match calls.ids.get(&key) {
-            Some(&id) => id,
-            None if calls.pairs.len() < MAX_CALLS => {
-                calls.pairs.push((operation, peer));
-                let id = calls.pairs.len() as u32;
-                calls.ids.insert(key, id);
-                id
-            }
-            None => return None,
-        }
-    };
-    CALL_IDS.with_borrow_mut(|ids| ids.put(hash, key, id));
-    Some(id)
+/// The `&'static str` whose address and length these are.
+///
+/// # Safety
+/// `parts` must be those of a `&'static str`.
+unsafe fn static_str((ptr, len): (*mut u8, usize)) -> &'static str {
+    // SAFETY: the caller's promise.
+    unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(ptr, len)) }
 }
 
 /// A copy of every transaction open since before `started_before_raw` (a raw clock reading),
@@ -276,13 +286,50 @@ mod tests {
         assert!(call.get().is_none());
         call.enter(&Name::Owned("SELECT 42".into()), &Name::Borrowed("postgres"));
         assert_eq!(owned(call.get()), Some(("SELECT 42".into(), "postgres".into())));
-        // Another thread reads the same pair's id from the shared table.
+        // Another thread reads the pair.
         call.enter(&Name::Borrowed("GET session"), &Name::Borrowed("redis"));
         let seen = std::thread::scope(|s| s.spawn(|| owned(call.get())).join().unwrap());
         assert_eq!(seen, Some(("GET session".into(), "redis".into())));
         call.leave();
         assert!(call.get().is_none());
         assert!(call.owned.lock().unwrap().is_none(), "owned names freed at leave");
+    }
+
+    #[test]
+    fn a_call_noted_from_two_threads_is_read_whole() {
+        // The snapshot reads while the transaction's threads note calls (spans may end on two
+        // threads at once): it never pairs one call's operation with another's peer.
+        let call = CurrentCall::default();
+        let pairs = [("GET session", "redis"), ("SELECT orders by customer", "postgres")];
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let seen = std::thread::scope(|s| {
+            for first in 0..2 {
+                let (call, stop) = (&call, &stop);
+                s.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        for (operation, peer) in [pairs[first], pairs[1 - first]] {
+                            call.enter(&Name::Borrowed(operation), &Name::Borrowed(peer));
+                            // The span's work: the reader mostly finds the call whole.
+                            (0..20).for_each(|_| std::hint::spin_loop());
+                        }
+                    }
+                });
+            }
+            let mut seen = [0usize; 2];
+            let started = std::time::Instant::now();
+            while started.elapsed() < std::time::Duration::from_millis(500) {
+                if let Some((operation, peer)) = call.get() {
+                    let i = pairs
+                        .iter()
+                        .position(|&(o, p)| o == operation && p == peer)
+                        .unwrap_or_else(|| panic!("a torn call: {operation:?} on {peer:?}"));
+                    seen[i] += 1;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            seen
+        });
+        assert!(seen[0] > 0 && seen[1] > 0, "both calls seen: {seen:?}");
     }
 
     #[test]
