@@ -27,12 +27,12 @@ use tracing::{debug, warn};
 
 use crate::{
     agent::Agent,
-    clock,
+    clock::{self, TickScale},
     config::{Config, Protocol},
     dictionary::Dictionary,
     inflight, otlp,
     recent::Recent,
-    red::{self, RedValue},
+    red::{self, DenseCounts, RedValue},
     span::{self, Kind, Name, Record, SharedName},
     wire::{self, Encoded, SpanFields},
 };
@@ -177,13 +177,26 @@ struct RedKey {
 /// showed in the exporter's profile. Before that, a key of static names is looked up by the
 /// names' addresses in a direct-mapped slot: no hashing or comparing of text for the few keys
 /// that make most spans.
-#[derive(Default)]
 struct RedTable {
     entries: Vec<(RedKey, RedValue)>,
     /// Fingerprint to indices into `entries`.
     by_fingerprint: FxHashMap<u64, Vec<u32>>,
     /// Keys of static names, by their names' addresses.
     recent: Recent<StaticIdentity, u32, RECENT_RED_SLOTS>,
+    scale: TickScale,
+    scratch: DenseCounts,
+}
+
+impl Default for RedTable {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            by_fingerprint: FxHashMap::default(),
+            recent: Recent::default(),
+            scale: TickScale::get(),
+            scratch: DenseCounts::default(),
+        }
+    }
 }
 
 const RECENT_RED_SLOTS: usize = 64;
@@ -309,9 +322,7 @@ impl RedTable {
     fn record_all(&mut self, key: KeyParts<'_>, durations: &[u64]) {
         let index = self.index_of(key);
         let value = &mut self.entries[index as usize].1;
-        for &ticks in durations {
-            value.record(clock::delta_ns(0, ticks).div_ceil(1000), key.error);
-        }
+        value.record_ticks(durations, key.error, self.scale, &mut self.scratch);
     }
 
     /// The entry of `key`, made empty if it is new.

@@ -150,7 +150,7 @@ impl CurrentCall {
             }
             // Another thread of the transaction is noting a call: a few stores.
             spins += 1;
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();

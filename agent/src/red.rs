@@ -13,7 +13,7 @@ use rustc_hash::FxHashMap;
 use sightline_proto::histogram;
 
 use crate::{
-    clock,
+    clock::{self, TickScale},
     span::{Kind, Record, SharedName, TraceCtx},
 };
 
@@ -59,6 +59,47 @@ impl RedValue {
         buckets.into_iter().unzip()
     }
 
+    /// Records durations in raw clock ticks, all of one error state: the buckets are counted
+    /// in `scratch` over their dense index range when it is short beside the number of
+    /// durations, then each bucket goes into the map once. A map update a value was ~25
+    /// instructions of the ~100 the exporter spent on each duration an application thread
+    /// folded (and `delta_ns` a value ~30 more).
+    pub(crate) fn record_ticks(&mut self, ticks: &[u64], error: bool, scale: TickScale, scratch: &mut DenseCounts) {
+        let Some(&first) = ticks.first() else { return };
+        let first_index = histogram::bucket_index(scale.ns(first).div_ceil(1000));
+        let (mut low, mut high, mut sum) = (first_index, first_index, 0u64);
+        scratch.indices.clear();
+        for &duration in ticks {
+            let micros = scale.ns(duration).div_ceil(1000);
+            sum += micros;
+            let index = histogram::bucket_index(micros);
+            low = low.min(index);
+            high = high.max(index);
+            scratch.indices.push(index as u32);
+        }
+        let calls = ticks.len() as u64;
+        self.calls += calls;
+        self.errors += if error { calls } else { 0 };
+        self.sum_micros += sum;
+        let range = high - low + 1;
+        if range > DENSE_RANGE_PER_VALUE * ticks.len() {
+            for &index in &scratch.indices {
+                *self.buckets.entry(histogram::bucket_at(index as usize)).or_insert(0) += 1;
+            }
+            return;
+        }
+        scratch.counts.clear();
+        scratch.counts.resize(range, 0);
+        for &index in &scratch.indices {
+            scratch.counts[index as usize - low] += 1;
+        }
+        for (offset, &count) in scratch.counts.iter().enumerate() {
+            if count > 0 {
+                *self.buckets.entry(histogram::bucket_at(low + offset)).or_insert(0) += u64::from(count);
+            }
+        }
+    }
+
     pub(crate) fn add(&mut self, other: &RedValue) {
         self.calls += other.calls;
         self.errors += other.errors;
@@ -67,6 +108,16 @@ impl RedValue {
             *self.buckets.entry(bucket).or_insert(0) += count;
         }
     }
+}
+
+/// Bucket indices past this many per duration recorded are counted in the map directly.
+const DENSE_RANGE_PER_VALUE: usize = 4;
+
+/// Scratch space of [`RedValue::record_ticks`], kept between calls.
+#[derive(Default)]
+pub(crate) struct DenseCounts {
+    indices: Vec<u32>,
+    counts: Vec<u32>,
 }
 
 /// The stage a span's time belongs to.
@@ -281,6 +332,40 @@ mod tests {
             operation,
             component: "",
             kind: Kind::Server,
+        }
+    }
+
+    #[test]
+    fn durations_counted_together_are_those_recorded_one_by_one() {
+        let scale = TickScale::get();
+        let mut scratch = DenseCounts::default();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut random = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Clustered (counted densely), spread over hours (one by one), and a mix.
+        let clustered: Vec<u64> = (0..500)
+            .map(|_| clock::ticks_in_ns(40_000 + random() % 20_000))
+            .collect();
+        let spread: Vec<u64> = (0..50)
+            .map(|_| random() % clock::ticks_in_ns(7_200_000_000_000))
+            .collect();
+        let mixed: Vec<u64> = clustered.iter().chain(&spread).copied().collect();
+        for (ticks, error) in [(&clustered, false), (&spread, true), (&mixed, false), (&vec![], false)] {
+            let (mut together, mut one_by_one) = (RedValue::default(), RedValue::default());
+            together.record_ticks(ticks, error, scale, &mut scratch);
+            together.record_ticks(ticks, error, scale, &mut scratch);
+            for &t in ticks.iter().chain(ticks.iter()) {
+                one_by_one.record(scale.ns(t).div_ceil(1000), error);
+            }
+            assert_eq!(
+                (together.calls, together.errors, together.sum_micros),
+                (one_by_one.calls, one_by_one.errors, one_by_one.sum_micros)
+            );
+            assert_eq!(together.sorted_buckets(), one_by_one.sorted_buckets());
         }
     }
 

@@ -16,6 +16,7 @@ use std::{
     borrow::Cow,
     cell::{Cell, UnsafeCell},
     marker::PhantomData,
+    mem::MaybeUninit,
     ptr::NonNull,
     rc::Rc,
     sync::Arc,
@@ -369,6 +370,8 @@ struct Local {
     parked: bool,
     /// The box a batch is parked in, kept between parkings.
     park_box: Option<Box<Batch>>,
+    /// A [`Span`]'s box, kept for the next: a request's entry span allocated and freed one.
+    spare_span: Option<SpareSpan>,
 }
 
 /// A scope entered on an empty stack and not yet pushed (see [`enter_scope`]): its span's id
@@ -398,6 +401,7 @@ impl Local {
             last_scoped: None,
             parked: false,
             park_box: None,
+            spare_span: None,
         }
     }
 
@@ -749,6 +753,13 @@ impl Local {
             // SAFETY: a frame on the stack owns it (see `Frame::owner`).
             let slot = self.slot_of_entry(unsafe { self.stack[i].trace.as_ref() });
             self.batch.records[index as usize].trace = slot;
+        }
+    }
+
+    #[inline]
+    fn keep_spare_span(&mut self, spare: SpareSpan) {
+        if self.spare_span.is_none() {
+            self.spare_span = Some(spare);
         }
     }
 
@@ -1161,27 +1172,17 @@ impl SpanBuilder {
             None => None,
         };
         match parent {
-            Some(parent) => {
-                let record = self.child_record(&parent.trace, parent.span_id);
-                Span {
-                    data: record.map(|record| SpanData {
-                        trace: parent.trace,
-                        record,
-                    }),
-                }
-            }
-            None => {
-                let (trace, record) = self.entry();
-                Span {
-                    data: Some(SpanData { trace, record }),
-                }
-            }
+            Some(parent) => match self.child_record(&parent.trace, parent.span_id) {
+                Some(record) => Span::of(parent.trace, record),
+                None => Span { data: None },
+            },
+            None => self.entry(),
         }
     }
 
     /// The entry span of this service's part of a trace: a new trace at a root, or the
     /// continuation of a remote one.
-    fn entry(self) -> (Arc<TraceCtx>, Record) {
+    fn entry(self) -> Span {
         let agent = agent::get().expect("checked by the caller");
         let entry_operation = SharedName::new(&self.operation);
         let (trace_id, parent_span_id, sampled, bt, caller) = match self.remote {
@@ -1217,26 +1218,28 @@ impl SpanBuilder {
             start_raw,
         });
         inflight::register(trace.clone());
-        let record = Record {
-            trace: 0,
-            kind: self.kind,
-            entry: true,
-            http_status: 0,
-            span_id,
-            parent_span_id,
-            start_raw,
-            end_raw: 0,
-            operation: self.operation,
-            component: self.component,
-            peer: self.peer,
-            detail: caller.map(|caller| {
-                Box::new(Detail {
-                    caller: Some(caller),
-                    ..Detail::default()
-                })
-            }),
-        };
-        (trace, record)
+        Span::of(
+            trace,
+            Record {
+                trace: 0,
+                kind: self.kind,
+                entry: true,
+                http_status: 0,
+                span_id,
+                parent_span_id,
+                start_raw,
+                end_raw: 0,
+                operation: self.operation,
+                component: self.component,
+                peer: self.peer,
+                detail: caller.map(|caller| {
+                    Box::new(Detail {
+                        caller: Some(caller),
+                        ..Detail::default()
+                    })
+                }),
+            },
+        )
     }
 
     /// Starts the span and makes it the current one on this thread until the guard drops: for
@@ -1380,9 +1383,11 @@ impl SpanBuilder {
     }
 
     fn entered_other(self) -> EnteredSpan {
-        let Some(SpanData { trace, record }) = self.start().data.take() else {
+        let Some(data) = self.start().data.take() else {
             return EnteredSpan { data: None };
         };
+        let (SpanData { trace, record }, spare) = unbox(data);
+        with_local_unsettled(|local| local.keep_spare_span(spare));
         let sampled = trace.sampled;
         let span_id = record.span_id;
         with_local(|local| {
@@ -1401,13 +1406,40 @@ struct SpanData {
     record: Record,
 }
 
+/// A box of a [`SpanData`] moved out, to box another.
+type SpareSpan = Box<MaybeUninit<SpanData>>;
+
+/// `data`'s contents and its box, to reuse.
+fn unbox(data: Box<SpanData>) -> (SpanData, SpareSpan) {
+    let raw = Box::into_raw(data);
+    // SAFETY: `raw` is a live box's, read once; the box is then owned as uninitialized memory,
+    // so its contents are not dropped twice.
+    unsafe { (raw.read(), Box::from_raw(raw.cast::<MaybeUninit<SpanData>>())) }
+}
+
 /// A running span; it ends when dropped. It may move across threads (async work). Disabled
 /// (free) when the agent is not running or the trace is not recorded.
 pub struct Span {
-    data: Option<SpanData>,
+    /// Boxed: a span lives in futures that are moved a few times each (a server's response
+    /// future through the framework's wrappers), and its ~130 bytes inline were copied at each
+    /// move (~100 instructions a request). The thread keeps a box to reuse ([`Local::spare_span`]).
+    data: Option<Box<SpanData>>,
 }
 
 impl Span {
+    /// A running span of `trace`, boxed in this thread's spare box when there is one.
+    #[inline(always)]
+    fn of(trace: Arc<TraceCtx>, record: Record) -> Span {
+        let spare = with_local_unsettled(|local| local.spare_span.take()).flatten();
+        let data = SpanData { trace, record };
+        Span {
+            data: Some(match spare {
+                Some(spare) => Box::write(spare, data),
+                None => Box::new(data),
+            }),
+        }
+    }
+
     /// Whether this span is recorded with its attributes.
     pub fn is_recording(&self) -> bool {
         self.data.as_ref().is_some_and(|d| d.trace.sampled)
@@ -1499,20 +1531,38 @@ impl Span {
 
 impl Drop for Span {
     fn drop(&mut self) {
-        let Some(SpanData { trace, mut record }) = self.data.take() else {
+        let Some(mut data) = self.data.take() else {
             return;
         };
-        record.end(&trace, clock::now_raw());
+        let SpanData { trace, record } = &mut *data;
+        record.end(trace, clock::now_raw());
         // A pending scope stays so: a record written leaves the stack as it is.
         with_local_unsettled(|local| {
             local.resume();
-            if !trace.sampled && local.batch.red.get_or_insert_with(Box::default).fold(&trace, &record) {
-                // Folded only with static names and no details: dropping it would free nothing.
-                std::mem::forget(record);
+            if !data.trace.sampled
+                && local
+                    .batch
+                    .red
+                    .get_or_insert_with(Box::default)
+                    .fold(&data.trace, &data.record)
+            {
+                let raw = Box::into_raw(data);
+                // SAFETY: `raw` is a live box's. Its record was folded, which it is only with
+                // static names and no details: left unread, it frees nothing. Its trace is
+                // read once, and the box then owned as uninitialized memory.
+                let (trace, spare) = unsafe {
+                    (
+                        std::ptr::addr_of!((*raw).trace).read(),
+                        Box::from_raw(raw.cast::<MaybeUninit<SpanData>>()),
+                    )
+                };
                 local.recycle(trace);
+                local.keep_spare_span(spare);
                 local.after_end();
                 return;
             }
+            let (SpanData { trace, record }, spare) = unbox(data);
+            local.keep_spare_span(spare);
             let slot = local.slot_of(&trace);
             local.push_record(Record { trace: slot, ..record });
         });

@@ -36,9 +36,29 @@ pub fn bucket_of(micros: u64) -> u64 {
     value | ((1u64 << shared_bits) - 1)
 }
 
+/// A latency's bucket as a dense index: buckets in order, numbered from 0 without gaps, so that
+/// counts over a range of them fit an array (the agent's exporter counts a batch of latencies
+/// that way before adding each bucket to a map once). Below 256 a value is its own index; above,
+/// each power of two adds 128 buckets (its values' top 8 bits, the highest always set).
+#[inline]
+pub fn bucket_index(micros: u64) -> usize {
+    let value = clamp(micros);
+    let shared_bits = (u64::BITS - value.leading_zeros()).saturating_sub(SUB_BUCKET_BITS);
+    ((shared_bits << (SUB_BUCKET_BITS - 1)) as usize) + (value >> shared_bits) as usize
+}
+
+/// The bucket value (as [`bucket_of`] gives it) at a dense index from [`bucket_index`].
+#[inline]
+pub fn bucket_at(index: usize) -> u64 {
+    let shared_bits = ((index >> (SUB_BUCKET_BITS - 1)) as u32).saturating_sub(1);
+    let top = (index as u64) - (u64::from(shared_bits) << (SUB_BUCKET_BITS - 1));
+    (top << shared_bits) | ((1u64 << shared_bits) - 1)
+}
+
 /// log2 of the layout's sub-buckets per power of two (2 significant digits: 256).
 const SUB_BUCKET_BITS: u32 = 8;
 
+#[inline]
 fn clamp(micros: u64) -> u64 {
     micros.clamp(LOWEST_MICROS, HIGHEST_MICROS)
 }
@@ -95,6 +115,32 @@ pub fn sparse_quantiles<const N: usize>(pairs: impl IntoIterator<Item = (u64, u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dense_indices_number_the_buckets_in_order() {
+        let mut last: Option<(usize, u64)> = None;
+        let mut check = |micros: u64| {
+            let index = bucket_index(micros);
+            assert_eq!(bucket_at(index), bucket_of(micros), "{micros} us");
+            if let Some((last_index, last_bucket)) = last {
+                // In order and without gaps: the next bucket's index is one more.
+                match bucket_of(micros).cmp(&last_bucket) {
+                    std::cmp::Ordering::Equal => assert_eq!(index, last_index, "{micros} us"),
+                    std::cmp::Ordering::Greater => assert_eq!(index, last_index + 1, "{micros} us"),
+                    std::cmp::Ordering::Less => panic!("not ascending at {micros} us"),
+                }
+            }
+            last = Some((index, bucket_of(micros)));
+        };
+        // Every value up to 2 s, then the first of each bucket beyond to the layout's top.
+        (0..2_000_000).for_each(&mut check);
+        let mut micros = 2_000_000;
+        while micros <= HIGHEST_MICROS {
+            check(micros);
+            micros = bucket_of(micros) + 1;
+        }
+        check(u64::MAX);
+    }
 
     #[test]
     fn bucket_of_is_the_layouts_highest_equivalent() {
