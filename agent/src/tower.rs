@@ -28,7 +28,7 @@ use tower::{Layer, Service};
 
 use crate::{
     names, propagation,
-    span::{Name, Span, SpanBuilder},
+    span::{self, Name, Span},
 };
 
 type NamingRule = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -125,7 +125,7 @@ impl Entry {
                 (operation, bt, grpc)
             }
         };
-        (SpanBuilder::server_entry(operation, bt, remote).start(), grpc)
+        (span::start_server_entry(operation, bt, remote), grpc)
     }
 
     /// The operation and its BT (`None`: the operation is its own). Interned names after an
