@@ -483,7 +483,7 @@ impl Local {
 
     /// After a span ends or a scope closes: a full batch goes to the exporter; one left when
     /// the thread leaves instrumented code is parked for it.
-    #[inline]
+    #[inline(always)]
     fn after_end(&mut self) {
         let (folded, stale) = self
             .batch
