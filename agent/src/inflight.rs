@@ -156,6 +156,9 @@ impl CurrentCall {
                 std::hint::spin_loop();
             }
         };
+        // A reader that sees any of the stores below then sees the sequence odd (or past it)
+        // when it reads it again after its acquire fence.
+        std::sync::atomic::fence(Ordering::Release);
         self.operation.store(operation.as_ptr().cast_mut(), Ordering::Relaxed);
         self.operation_len.store(operation.len(), Ordering::Relaxed);
         self.peer.store(peer.as_ptr().cast_mut(), Ordering::Relaxed);

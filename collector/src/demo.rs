@@ -75,13 +75,8 @@ pub struct Demo {
     tasks: JoinSet<()>,
 }
 
-/// One role of the example app and its arguments.
-struct ServiceSpec {
-    role: &'static str,
-    version: &'static str,
-    port: u16,
-    extra: Vec<String>,
-}
+/// Tries at starting one service, each on a port of its own.
+const START_TRIES: usize = 5;
 
 impl Demo {
     /// Starts the collector, the services and the load; the timeline runs in the background.
@@ -93,70 +88,34 @@ impl Demo {
         );
         let collector = Collector::start(options.collector.clone()).await?;
         let grpc = format!("http://{}", collector.grpc_addr);
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
-        let [push, auth, messages, ws_old, ws_new, gateway] = ports[..] else {
-            unreachable!("six ports")
-        };
         let url = |port: u16| format!("http://127.0.0.1:{port}");
-        let specs = [
-            ServiceSpec {
-                role: "push-provider",
-                version: "1.0.0",
-                port: push,
-                extra: vec![],
-            },
-            ServiceSpec {
-                role: "auth",
-                version: "2.3.1",
-                port: auth,
-                extra: vec![],
-            },
-            ServiceSpec {
-                role: "messages",
-                version: "3.0.4",
-                port: messages,
-                extra: vec!["--push".into(), url(push)],
-            },
-            ServiceSpec {
-                role: "workspace",
-                version: BASELINE,
-                port: ws_old,
-                extra: vec![],
-            },
-            ServiceSpec {
-                role: "workspace",
-                version: CANDIDATE,
-                port: ws_new,
-                extra: vec!["--db-lock-ms".into(), "12".into()],
-            },
-            ServiceSpec {
-                role: "gateway",
-                version: "1.9.0",
-                port: gateway,
-                extra: vec![
-                    "--auth".into(),
-                    url(auth),
-                    "--messages".into(),
-                    url(messages),
-                    "--workspace".into(),
-                    url(ws_old),
-                    "--workspace".into(),
-                    url(ws_new),
-                ],
-            },
-        ];
+        // Callees first: each service is told the ports of those it calls.
         let mut services = Vec::new();
-        for spec in specs {
-            let child = tokio::process::Command::new(&options.service_binary)
-                .args(["--role", spec.role, "--version", spec.version, "--collector", &grpc])
-                .args(["--listen", &format!("127.0.0.1:{}", spec.port)])
-                .args(&spec.extra)
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("cannot start {}", options.service_binary.display()))?;
-            services.push(child);
-        }
+        let start = |role: &'static str, version: &'static str, extra: Vec<String>| {
+            start_service(&options.service_binary, &grpc, role, version, extra)
+        };
+        let (push, child) = start("push-provider", "1.0.0", vec![]).await?;
+        services.push(child);
+        let (auth, child) = start("auth", "2.3.1", vec![]).await?;
+        services.push(child);
+        let (messages, child) = start("messages", "3.0.4", vec!["--push".into(), url(push)]).await?;
+        services.push(child);
+        let (ws_old, child) = start("workspace", BASELINE, vec![]).await?;
+        services.push(child);
+        let (ws_new, child) = start("workspace", CANDIDATE, vec!["--db-lock-ms".into(), "12".into()]).await?;
+        services.push(child);
+        let gateway_calls = vec![
+            "--auth".into(),
+            url(auth),
+            "--messages".into(),
+            url(messages),
+            "--workspace".into(),
+            url(ws_old),
+            "--workspace".into(),
+            url(ws_new),
+        ];
+        let (gateway, child) = start("gateway", "1.9.0", gateway_calls).await?;
+        services.push(child);
         let gateway_addr: SocketAddr = ([127, 0, 0, 1], gateway).into();
         let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let answered = async {
@@ -327,4 +286,42 @@ async fn post(
 /// A free loopback port (the services bind it themselves right after).
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts one service on a free port and waits until it listens there. A port found free can
+/// be taken before the service binds it (another process's connection gets it as its local
+/// port): the service then exits, and is started again on another.
+async fn start_service(
+    binary: &std::path::Path,
+    collector: &str,
+    role: &'static str,
+    version: &'static str,
+    extra: Vec<String>,
+) -> anyhow::Result<(u16, Child)> {
+    for _ in 0..START_TRIES {
+        let port = free_port()?;
+        let mut child = tokio::process::Command::new(binary)
+            .args(["--role", role, "--version", version, "--collector", collector])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(&extra)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if child.try_wait()?.is_some() {
+                break; // exited: its port was taken; another
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Ok((port, child));
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{role} {version} did not listen within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    anyhow::bail!("{role} {version} exited {START_TRIES} times at its start")
 }
