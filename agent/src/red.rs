@@ -65,9 +65,10 @@ impl RedValue {
     /// instructions of the ~100 the exporter spent on each duration an application thread
     /// folded (and `delta_ns` a value ~30 more).
     pub(crate) fn record_ticks(&mut self, ticks: &[u64], error: bool, scale: TickScale, scratch: &mut DenseCounts) {
-        let Some(&first) = ticks.first() else { return };
-        let first_index = histogram::bucket_index(scale.ns(first).div_ceil(1000));
-        let (mut low, mut high, mut sum) = (first_index, first_index, 0u64);
+        if ticks.is_empty() {
+            return;
+        }
+        let (mut low, mut high, mut sum) = (usize::MAX, 0, 0u64);
         scratch.indices.clear();
         for &duration in ticks {
             let micros = scale.ns(duration).div_ceil(1000);

@@ -32,8 +32,13 @@ pub fn new_histogram() -> Histogram<u64> {
 #[inline]
 pub fn bucket_of(micros: u64) -> u64 {
     let value = clamp(micros);
-    let shared_bits = (u64::BITS - value.leading_zeros()).saturating_sub(SUB_BUCKET_BITS);
-    value | ((1u64 << shared_bits) - 1)
+    value | ((1u64 << shared_bits(value)) - 1)
+}
+
+/// How many low bits the values of `value`'s bucket share (the bits below its top 8).
+#[inline]
+fn shared_bits(value: u64) -> u32 {
+    (u64::BITS - value.leading_zeros()).saturating_sub(SUB_BUCKET_BITS)
 }
 
 /// A latency's bucket as a dense index: buckets in order, numbered from 0 without gaps, so that
@@ -43,7 +48,7 @@ pub fn bucket_of(micros: u64) -> u64 {
 #[inline]
 pub fn bucket_index(micros: u64) -> usize {
     let value = clamp(micros);
-    let shared_bits = (u64::BITS - value.leading_zeros()).saturating_sub(SUB_BUCKET_BITS);
+    let shared_bits = shared_bits(value);
     ((shared_bits << (SUB_BUCKET_BITS - 1)) as usize) + (value >> shared_bits) as usize
 }
 
