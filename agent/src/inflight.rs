@@ -109,7 +109,7 @@ impl CurrentCall {
     }
 
     #[inline]
-    fn enter_static(&self, operation: &'static str, peer: &'static str) {
+    pub(crate) fn enter_static(&self, operation: &'static str, peer: &'static str) {
         self.write_names(operation, peer);
         if self.state.swap(STATIC_CALL, Ordering::Release) == OWNED_CALL {
             self.clear_owned();

@@ -254,22 +254,45 @@ impl LocalRed {
     /// it carries no details; `false` when it must go as a record.
     #[inline]
     pub(crate) fn fold(&mut self, trace: &TraceCtx, record: &Record) -> bool {
-        let (SharedName::Static(bt), Cow::Borrowed(operation), Cow::Borrowed(component), None) =
-            (&trace.bt, &record.operation, &record.component, &record.detail)
+        let (Cow::Borrowed(operation), Cow::Borrowed(component), None) =
+            (&record.operation, &record.component, &record.detail)
         else {
             return false;
         };
+        self.fold_static(
+            trace,
+            record.kind,
+            operation,
+            component,
+            (record.start_raw, record.end_raw),
+        )
+    }
+
+    /// [`LocalRed::fold`] of a span given by its parts (static names, no details), from its
+    /// start to its end in raw ticks.
+    #[inline(always)]
+    pub(crate) fn fold_static(
+        &mut self,
+        trace: &TraceCtx,
+        kind: Kind,
+        operation: &'static str,
+        component: &'static str,
+        (start_raw, end_raw): (u64, u64),
+    ) -> bool {
+        let SharedName::Static(bt) = &trace.bt else {
+            return false;
+        };
         let key = StaticKey {
-            window: self.windows.window_of(record.start_raw),
+            window: self.windows.window_of(start_raw),
             bt,
             operation,
             component,
-            kind: record.kind,
+            kind,
         };
-        self.add(key, record.end_raw.saturating_sub(record.start_raw))
+        self.add(key, end_raw.saturating_sub(start_raw))
     }
 
-    #[inline]
+    #[inline(always)]
     fn add(&mut self, key: StaticKey, ticks: u64) -> bool {
         if self.folded >= MAX_FOLDS {
             return false;
