@@ -2157,6 +2157,34 @@ mod tests {
     }
 
     #[test]
+    fn an_unsampled_call_outliving_its_scope_and_transaction_still_folds() {
+        agent_running();
+        let request = unsampled("Outlived").start();
+        // The guards leave the scope they were entered in, and the transaction ends before them.
+        let (first, second) = request.in_scope(|| {
+            let call = || crate::span("GET session").client("cache", "redis").entered();
+            (call(), call())
+        });
+        assert_eq!(pending(), None);
+        drop(request);
+        assert_eq!(
+            first.business_transaction().as_deref(),
+            Some("Outlived"),
+            "its trace is its own to hold"
+        );
+        // Another transaction's span on the stack keeps the batch out while it is read.
+        let holder = unsampled("Holder").entered();
+        let before = folded();
+        drop(first);
+        assert_eq!(folded(), before + 1);
+        drop(holder);
+        // Ended outside instrumented code: its batch parked for the exporter at once.
+        drop(second);
+        assert!(frames().is_empty());
+        assert!(with_local_unsettled(|l| l.parked).unwrap());
+    }
+
+    #[test]
     fn an_unsampled_call_that_failed_goes_as_a_record_with_its_error() {
         agent_running();
         let request = unsampled("Failing").start();
