@@ -488,16 +488,23 @@ impl Local {
     /// the thread leaves instrumented code is parked for it.
     #[inline(always)]
     fn after_end(&mut self) {
+        if self.batch_is_due() {
+            self.hand_off();
+        } else if self.stack.is_empty() {
+            self.leave();
+        }
+    }
+
+    /// Whether the batch goes to the exporter now: full of records or folds, or holding RED of
+    /// a window that has passed.
+    #[inline(always)]
+    fn batch_is_due(&self) -> bool {
         let (folded, stale) = self
             .batch
             .red
             .as_ref()
             .map_or((0, false), |red| (red.folded, red.stale));
-        if self.batch.records.len() >= FLUSH_AT || folded >= red::FOLDS_PER_HAND_OFF || stale {
-            self.hand_off();
-        } else if self.stack.is_empty() {
-            self.leave();
-        }
+        self.batch.records.len() >= FLUSH_AT || folded >= red::FOLDS_PER_HAND_OFF || stale
     }
 
     /// [`Local::after_end`] for a call ended off the stack ([`UnsampledCall`]), but inside a
@@ -505,12 +512,7 @@ impl Local {
     /// request's entry span has usually ended in the same scope and parked it once for both.
     #[inline(always)]
     fn after_call(&mut self) {
-        let (folded, stale) = self
-            .batch
-            .red
-            .as_ref()
-            .map_or((0, false), |red| (red.folded, red.stale));
-        if self.batch.records.len() >= FLUSH_AT || folded >= red::FOLDS_PER_HAND_OFF || stale {
+        if self.batch_is_due() {
             self.hand_off();
         } else if self.stack.is_empty() {
             match PENDING.get() {
