@@ -538,7 +538,7 @@ async fn a_dependency_turning_slow_and_failing_is_critical_since_it_turned() {
     };
     // Every edge complete: each service's spans are written on their own, so one edge's
     // calls all stored says nothing of the others'.
-    let topology = eventually("all 40 minutes stored", Duration::from_secs(30), || async {
+    eventually("all 40 minutes stored", Duration::from_secs(30), || async {
         let topology = get(&format!("{api}/api/v1/topology?from={}", (now_minute - 3600) * 1000))
             .await
             .json();
