@@ -281,7 +281,9 @@ where
     fn call(self, request: axum::extract::Request, state: S) -> Self::Future {
         let (span, _) = self.entry.start(&request);
         // A handler may do work in `call` itself, before its future: inside the span too.
-        let future = span.in_scope(|| self.handler.call(request, state));
+        let scope = span.scope();
+        let future = self.handler.call(request, state);
+        drop(scope);
         TracedResponse {
             future,
             span: Some(span),
