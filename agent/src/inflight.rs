@@ -3,9 +3,11 @@
 //!
 //! A transaction's context registers when its entry span starts and leaves when it ends: one
 //! short, sharded lock per transaction (not per span), which the exporter takes only for its
-//! periodic snapshot. Calls out (client spans, sampled or not) note themselves as the
+//! periodic snapshot. A thread registers in its own home shard, so the lock and slots it
+//! touches each request stay in its core's cache. Calls out (client spans, sampled or not) note themselves as the
 //! transaction's current call.
 
+use std::cell::Cell;
 use std::sync::{
     atomic::{AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Ordering},
     Arc, Mutex,
@@ -32,12 +34,40 @@ static REGISTRY: [Shard; SHARDS] = [const {
     })
 }; SHARDS];
 
-fn shard(entry_span_id: u64) -> &'static Shard {
-    &REGISTRY[(entry_span_id as usize) % SHARDS]
+/// Home shards handed to threads in turn.
+static NEXT_HOME: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's home shard, or `SHARDS` until it first registers.
+    static HOME: Cell<usize> = const { Cell::new(SHARDS) };
+}
+
+/// This thread's shard. Picked by the transaction's random span id instead, a request locks
+/// a shard whose lock and slots another core may have written last; `perf record` of the
+/// one-core service put the most samples of the agent's functions in `register` (cold lines),
+/// though there the misses only moved to the next function (benches/README.md).
+#[inline]
+fn home_shard() -> usize {
+    HOME.with(|home| {
+        let shard = home.get();
+        if shard < SHARDS {
+            return shard;
+        }
+        let shard = NEXT_HOME.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        home.set(shard);
+        shard
+    })
+}
+
+/// Where an open context is kept: its shard and its slot there, in one number (the context's
+/// `inflight_slot`), since it may end on another thread than the one it registered on.
+fn place(kept: u32) -> (usize, usize) {
+    (kept as usize % SHARDS, kept as usize / SHARDS)
 }
 
 pub(crate) fn register(trace: Arc<TraceCtx>) {
-    if let Ok(mut shard) = shard(trace.entry_span_id).lock() {
+    let home = home_shard();
+    if let Ok(mut shard) = REGISTRY[home].lock() {
         let slot = match shard.free.pop() {
             Some(slot) => slot,
             None => {
@@ -45,7 +75,9 @@ pub(crate) fn register(trace: Arc<TraceCtx>) {
                 (shard.open.len() - 1) as u32
             }
         };
-        trace.inflight_slot.store(slot, Ordering::Relaxed);
+        trace
+            .inflight_slot
+            .store(slot * SHARDS as u32 + home as u32, Ordering::Relaxed);
         shard.open[slot as usize] = Some(trace);
     }
 }
@@ -53,18 +85,18 @@ pub(crate) fn register(trace: Arc<TraceCtx>) {
 /// `trace` is no longer open. The context leaves its slot here, on the transaction's thread,
 /// not when the exporter lets go of its last copy.
 pub(crate) fn unregister(trace: &TraceCtx) {
-    let slot = trace.inflight_slot.load(Ordering::Relaxed);
-    if let Ok(mut shard) = shard(trace.entry_span_id).lock() {
-        let held = shard.open.get_mut(slot as usize).and_then(Option::take);
+    let (home, slot) = place(trace.inflight_slot.load(Ordering::Relaxed));
+    if let Ok(mut shard) = REGISTRY[home].lock() {
+        let held = shard.open.get_mut(slot).and_then(Option::take);
         // Only its own slot: a context that never registered (0 by default) must not take
         // another's out.
         match held {
             Some(held) if std::ptr::eq(Arc::as_ptr(&held), trace) => {
-                shard.free.push(slot);
+                shard.free.push(slot as u32);
                 drop(shard);
                 drop(held);
             }
-            Some(other) => shard.open[slot as usize] = Some(other),
+            Some(other) => shard.open[slot] = Some(other),
             None => {}
         }
     }
@@ -337,7 +369,7 @@ mod tests {
 
     #[test]
     fn open_transactions_are_listed_until_they_leave_and_slots_are_reused() {
-        // Entry span ids that share a shard, so slots are reused within it.
+        // All registered on this thread, so in its home shard, where slots are reused.
         let contexts: Vec<_> = (0..40u64)
             .map(|i| context(0xABC0_0000 + u128::from(i), i * SHARDS as u64 + 3))
             .collect();
@@ -356,14 +388,14 @@ mod tests {
         let odd: Vec<u128> = contexts.iter().skip(1).step_by(2).map(|t| t.trace_id).collect();
         assert_eq!(open_of_this_test(), odd);
         // New ones take the freed slots: the shard does not grow.
-        let grown = REGISTRY[3].lock().unwrap().open.len();
+        let grown = REGISTRY[home_shard()].lock().unwrap().open.len();
         let again: Vec<_> = (0..20u64)
             .map(|i| context(0xABC1_0000 + u128::from(i), i * SHARDS as u64 + 3))
             .collect();
         for trace in &again {
             register(trace.clone());
         }
-        assert_eq!(REGISTRY[3].lock().unwrap().open.len(), grown);
+        assert_eq!(REGISTRY[home_shard()].lock().unwrap().open.len(), grown);
         assert_eq!(open_of_this_test().len(), 40);
         let (_, call) = older_than(2).into_iter().find(|(t, _)| t.trace_id == odd[0]).unwrap();
         assert_eq!(
@@ -379,5 +411,20 @@ mod tests {
         unregister(&contexts[1]);
         assert_eq!(open_of_this_test(), [contexts[0].trace_id]);
         unregister(&contexts[0]);
+        assert!(open_of_this_test().is_empty());
+
+        // Registered on one thread and ended on another (its task moved): it leaves all the same.
+        let moved = context(0xABC2_0000, 7);
+        let registered = moved.clone();
+        let other_home = std::thread::spawn(move || {
+            register(registered);
+            home_shard()
+        })
+        .join()
+        .unwrap();
+        assert_ne!(other_home, home_shard());
+        assert_eq!(open_of_this_test(), [moved.trace_id]);
+        unregister(&moved);
+        assert!(open_of_this_test().is_empty());
     }
 }
