@@ -3,9 +3,9 @@
 //!
 //! A transaction's context registers when its entry span starts and leaves when it ends: one
 //! short, sharded lock per transaction (not per span), which the exporter takes only for its
-//! periodic snapshot. A thread registers in its own home shard, so the lock and slots it
-//! touches each request stay in its core's cache. Calls out (client spans, sampled or not) note themselves as the
-//! transaction's current call.
+//! periodic snapshot. A thread registers in its own home shard, so that the lock and slots a
+//! request takes are those its thread took last, not ones another core wrote. Calls out
+//! (client spans, sampled or not) note themselves as the transaction's current call.
 
 use std::cell::Cell;
 use std::sync::{
@@ -370,9 +370,7 @@ mod tests {
     #[test]
     fn open_transactions_are_listed_until_they_leave_and_slots_are_reused() {
         // All registered on this thread, so in its home shard, where slots are reused.
-        let contexts: Vec<_> = (0..40u64)
-            .map(|i| context(0xABC0_0000 + u128::from(i), i * SHARDS as u64 + 3))
-            .collect();
+        let contexts: Vec<_> = (0..40u64).map(|i| context(0xABC0_0000 + u128::from(i), i)).collect();
         for trace in &contexts {
             trace
                 .current_call
@@ -390,7 +388,7 @@ mod tests {
         // New ones take the freed slots: the shard does not grow.
         let grown = REGISTRY[home_shard()].lock().unwrap().open.len();
         let again: Vec<_> = (0..20u64)
-            .map(|i| context(0xABC1_0000 + u128::from(i), i * SHARDS as u64 + 3))
+            .map(|i| context(0xABC1_0000 + u128::from(i), 100 + i))
             .collect();
         for trace in &again {
             register(trace.clone());
