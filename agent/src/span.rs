@@ -1295,7 +1295,9 @@ impl SpanBuilder {
         reserve_one(&mut local.batch.records);
         reserve_one(&mut local.stack);
         let Some(top) = local.stack.last() else {
-            // `Top::Pending`: the scope goes on the stack first.
+            // `Top::Pending`: the scope goes on the stack first. (The guard has a `Drop` only
+            // in debug builds, where it checks for reentrance.)
+            #[allow(clippy::drop_non_drop)]
             drop(local);
             return Self::enter_under_pending(operation, kind, component, peer);
         };

@@ -7,6 +7,8 @@
 //! every figure). The service's CPU comes from /proc. With `--interleave-ms`, every mode's
 //! service runs at once and the load moves between them slice by slice, so that the modes
 //! share the machine's noise and their ratios come with bootstrap intervals (benches/README.md).
+//! With `--mix-ms`, every mode's service runs at once and the requests themselves are dealt
+//! among them in turn, so that the host's stalls of a few milliseconds fall on every mode alike.
 //!
 //! Run: cargo build --release -p sightline-collector -p sightline-examples -p sightline-benches \
 //!        && target/release/service-overhead
@@ -22,7 +24,7 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use rand::{rngs::StdRng, SeedableRng};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use sightline_benches::{collector_binary, cpu_seconds, data_dir_env, rss_mib, thread_cpu_seconds, CollectorProcess};
 use sightline_compare::stats::{block_bootstrap, BlockHistograms};
 use sightline_proto::v1::{agent_message, agent_server, collector_message, Ack, AgentMessage, CollectorMessage};
@@ -74,6 +76,13 @@ struct Args {
     /// bootstrap over rounds. `--rounds` counts rounds; `--warmup` warms each service first.
     #[arg(long)]
     interleave_ms: Option<u64>,
+    /// Run every mode's service at once and deal the requests among them in turn (cycles of
+    /// one request a mode, each cycle in a random order; `--rate` is the total), measured in
+    /// blocks of this many milliseconds. The host's stalls then fall on every mode within the
+    /// same milliseconds, not only the same minutes as with `--interleave-ms`; ratios to bare
+    /// come with 95% intervals from a bootstrap over blocks. `--rounds` counts blocks.
+    #[arg(long, conflicts_with = "interleave_ms")]
+    mix_ms: Option<u64>,
     /// Also run, in every round, the agent put on each handler (`ServerLayer::handler`,
     /// hello-service `--traced-handlers`) instead of on the router: without axum's per-route
     /// boxed service that any router layer adds.
@@ -90,12 +99,23 @@ struct Args {
     /// cost a request is a share.
     #[arg(long, default_value_t = 20_000)]
     work_rounds: u64,
+    /// Also run, in every round, the bare service with 10% more work in its handler: a
+    /// difference of known sign and size (that of ~2,000 rounds of the handler's work), which
+    /// the run's intervals must find, to show what this machine lets a run resolve.
+    #[arg(long)]
+    control_too: bool,
 }
+
+/// How much more work the control's handler does (`--control-too`), in percent.
+const CONTROL_PERCENT: u64 = 10;
 
 /// How a mode's service is traced.
 #[derive(Clone, Copy)]
 enum Tracing<'a> {
     Bare,
+    /// Bare, its handler doing this many percent more work: a known difference (see
+    /// `--control-too`).
+    Heavier(u64),
     Agent(AgentMode<'a>),
     /// hello-service `--peer` with this value.
     Peer(&'static str),
@@ -190,27 +210,40 @@ struct Outcome {
 
 /// Open-loop load: request i is sent at start + i/rate; its latency counts from its send.
 async fn load(client: &HttpClient, url: &str, rate: u64, duration: Duration) -> (Vec<u64>, u64) {
+    let (mut latencies, errors) = load_dealt(&[(client, url)], |_| 0, rate, duration).await;
+    (latencies.pop().unwrap_or_default(), errors)
+}
+
+/// Open-loop load over several services: request i is sent at start + i/rate to the target
+/// `deal(i)` names. Each target's latencies, and the failed requests of all.
+async fn load_dealt(
+    targets: &[(&HttpClient, &str)],
+    deal: impl Fn(u64) -> usize,
+    rate: u64,
+    duration: Duration,
+) -> (Vec<Vec<u64>>, u64) {
     let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
         let at = start + Duration::from_nanos(i * 1_000_000_000 / rate);
         tokio::time::sleep_until(at).await;
-        let (client, url) = (client.clone(), format!("{url}/users/{i}"));
+        let target = deal(i);
+        let (client, url) = (targets[target].0.clone(), format!("{}/users/{i}", targets[target].1));
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
             let ok = match client.get(url.parse().unwrap()).await {
                 Ok(response) => response.status().is_success() && response.into_body().collect().await.is_ok(),
                 Err(_) => false,
             };
-            (sent.elapsed().as_micros() as u64, ok)
+            (target, sent.elapsed().as_micros() as u64, ok)
         }));
     }
-    let mut latencies = Vec::with_capacity(tasks.len());
+    let mut latencies = vec![Vec::with_capacity(tasks.len() / targets.len() + 1); targets.len()];
     let mut errors = 0;
     for task in tasks {
-        let (micros, ok) = task.await.unwrap();
-        latencies.push(micros);
+        let (target, micros, ok) = task.await.unwrap();
+        latencies[target].push(micros);
         errors += u64::from(!ok);
     }
     (latencies, errors)
@@ -226,6 +259,10 @@ fn http_client() -> HttpClient {
 /// its URL.
 async fn start_service(binary: &PathBuf, tracing: Tracing<'_>, args: &Args) -> anyhow::Result<(Service, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let work_rounds = match tracing {
+        Tracing::Heavier(percent) => args.work_rounds * (100 + percent) / 100,
+        _ => args.work_rounds,
+    };
     let mut command = match args.service_cpu {
         Some(cpu) => {
             let mut c = Command::new("taskset");
@@ -236,7 +273,7 @@ async fn start_service(binary: &PathBuf, tracing: Tracing<'_>, args: &Args) -> a
     };
     command
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--work-rounds", &args.work_rounds.to_string()])
+        .args(["--work-rounds", &work_rounds.to_string()])
         .stdout(Stdio::null());
     if let Tracing::Peer(peer) = tracing {
         command.args(["--peer", peer, "--sampling-ratio", &args.sampling_ratio.to_string()]);
@@ -336,44 +373,38 @@ fn latency_bucket(micros: u64) -> u64 {
     micros / scale * scale
 }
 
-/// Every mode's service at once, the load moved between them slice by slice (see
-/// `--interleave-ms`).
-async fn interleaved(
-    binary: &PathBuf,
-    modes: &[(&str, Tracing<'_>)],
-    slice: Duration,
-    args: &Args,
-) -> anyhow::Result<()> {
-    let mut services = Vec::new();
-    for (_, tracing) in modes {
-        services.push(start_service(binary, *tracing, args).await?);
+/// What a run of every mode's services at once measured, round by round (a round: a slice of
+/// each mode, or a block of dealt requests).
+struct Rounds<'m> {
+    names: Vec<&'m str>,
+    /// Per mode, per round: the sparse latency histogram of its requests in the round.
+    histograms: Vec<Vec<Vec<(u64, u64)>>>,
+    /// Per mode, per round: its process's CPU seconds over the whole round (work the agent's
+    /// exporter does after its slice included).
+    cpu: Vec<Vec<f64>>,
+    requests: Vec<u64>,
+    errors: u64,
+}
+
+impl<'m> Rounds<'m> {
+    fn new(modes: &[(&'m str, Tracing<'_>)]) -> Self {
+        Self {
+            names: modes.iter().map(|(name, _)| *name).collect(),
+            histograms: vec![Vec::new(); modes.len()],
+            cpu: vec![Vec::new(); modes.len()],
+            requests: vec![0; modes.len()],
+            errors: 0,
+        }
     }
-    let clients: Vec<HttpClient> = modes.iter().map(|_| http_client()).collect();
-    for ((_, url), client) in services.iter().zip(&clients) {
-        load(client, url, args.rate, Duration::from_secs(args.warmup)).await;
-    }
-    let cpu_now = || -> Vec<f64> {
-        // Every thread's run time in ns (`schedstat`): /proc/<pid>/stat's 10-ms ticks are too
-        // coarse for a slice.
-        services.iter().map(|(s, _)| thread_cpu_seconds(s.0.id(), "")).collect()
-    };
-    let rounds = args.rounds.max(2);
-    // Per mode, per round: the sparse latency histogram of its slice, and its process's CPU
-    // over the whole round (work the agent's exporter does after its slice included).
-    let mut histograms: Vec<Vec<Vec<(u64, u64)>>> = vec![Vec::new(); modes.len()];
-    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
-    let mut requests: Vec<u64> = vec![0; modes.len()];
-    let mut errors = 0;
-    for round in 0..rounds {
-        let before = cpu_now();
-        let mut p99 = vec![0; modes.len()];
-        for k in 0..modes.len() {
-            let m = (round + k) % modes.len();
-            let (mut latencies, failed) = load(&clients[m], &services[m].1, args.rate, slice).await;
-            errors += failed;
-            requests[m] += latencies.len() as u64;
+
+    /// Adds a round: each mode's latencies in it, and its CPU seconds over it.
+    fn push(&mut self, latencies: Vec<Vec<u64>>, cpu: &[f64], errors: u64) {
+        self.errors += errors;
+        let mut p99 = Vec::new();
+        for (m, mut latencies) in latencies.into_iter().enumerate() {
+            self.requests[m] += latencies.len() as u64;
             latencies.sort_unstable();
-            p99[m] = latencies.get(latencies.len() * 99 / 100).copied().unwrap_or(0);
+            p99.push(latencies.get(latencies.len() * 99 / 100).copied().unwrap_or(0));
             let mut sparse: Vec<(u64, u64)> = Vec::new();
             for micros in latencies {
                 let bucket = latency_bucket(micros);
@@ -382,73 +413,185 @@ async fn interleaved(
                     _ => sparse.push((bucket, 1)),
                 }
             }
-            histograms[m].push(sparse);
-        }
-        let after = cpu_now();
-        for m in 0..modes.len() {
-            cpu[m].push(after[m] - before[m]);
+            self.histograms[m].push(sparse);
+            self.cpu[m].push(cpu[m]);
         }
         println!(
             "  round {:3}  p99 {}  CPU {}",
-            round + 1,
-            modes
+            self.cpu[0].len(),
+            self.names
                 .iter()
                 .zip(&p99)
-                .map(|((name, _), p)| format!("{name} {p:6} us"))
+                .map(|(name, p)| format!("{name} {p:6} us"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            modes
+            self.names
                 .iter()
-                .enumerate()
-                .map(|(m, (name, _))| format!("{name} {:.1} ms", cpu[m][round] * 1e3))
+                .zip(cpu)
+                .map(|(name, c)| format!("{name} {:.1} ms", c * 1e3))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
     }
-    let mut axis: Vec<u64> = histograms.iter().flatten().flatten().map(|&(b, _)| b).collect();
-    axis.sort_unstable();
-    axis.dedup();
-    let pooled: Vec<BlockHistograms> = histograms
-        .iter()
-        .map(|blocks| BlockHistograms::new(axis.clone(), &blocks.iter().map(Vec::as_slice).collect::<Vec<_>>()))
-        .collect();
-    let all: Vec<usize> = (0..rounds).collect();
-    let quantile = |m: usize, blocks: &[usize], q: f64| pooled[m].quantile(blocks, q).unwrap_or(0) as f64;
-    let cpu_of = |m: usize, blocks: &[usize]| blocks.iter().map(|&r| cpu[m][r]).sum::<f64>();
-    println!(
-        "  {rounds} rounds of {} ms a mode at {} requests/s, {errors} errors",
+
+    /// Each mode's pooled figures, and its ratios to bare (the first mode) with 95% intervals.
+    fn report(&self, what: &str) {
+        let rounds = self.cpu[0].len();
+        let mut axis: Vec<u64> = self.histograms.iter().flatten().flatten().map(|&(b, _)| b).collect();
+        axis.sort_unstable();
+        axis.dedup();
+        let pooled: Vec<BlockHistograms> = self
+            .histograms
+            .iter()
+            .map(|blocks| BlockHistograms::new(axis.clone(), &blocks.iter().map(Vec::as_slice).collect::<Vec<_>>()))
+            .collect();
+        let all: Vec<usize> = (0..rounds).collect();
+        let quantile = |m: usize, blocks: &[usize], q: f64| pooled[m].quantile(blocks, q).unwrap_or(0) as f64;
+        let cpu_of = |m: usize, blocks: &[usize]| blocks.iter().map(|&r| self.cpu[m][r]).sum::<f64>();
+        println!("  {rounds} {what}, {} errors", self.errors);
+        for (m, name) in self.names.iter().enumerate() {
+            println!(
+                "  {name:6}  p50 {:5.0} us  p90 {:5.0} us  p99 {:6.0} us  CPU {:.1} us a request",
+                quantile(m, &all, 0.5),
+                quantile(m, &all, 0.9),
+                quantile(m, &all, 0.99),
+                cpu_of(m, &all) / self.requests[m].max(1) as f64 * 1e6
+            );
+        }
+        // Rounds resampled whole and the same rounds for both modes: a round's minutes of this
+        // machine are shared by its slices (or its dealt requests), which is what makes the
+        // modes comparable.
+        let mut rng = StdRng::seed_from_u64(7);
+        for (m, name) in self.names.iter().enumerate().skip(1) {
+            let ratios = |statistic: &dyn Fn(&[usize]) -> f64, rng: &mut StdRng| {
+                let mut resampled = block_bootstrap(rounds, 2000, rng, |drawn| Some(statistic(drawn)));
+                resampled.sort_by(f64::total_cmp);
+                let at = |q: f64| resampled[((resampled.len() - 1) as f64 * q).round() as usize];
+                format!("{:+.1}% [{:+.1}%, {:+.1}%]", statistic(&all), at(0.025), at(0.975))
+            };
+            let p99 = |drawn: &[usize]| (quantile(m, drawn, 0.99) / quantile(0, drawn, 0.99) - 1.0) * 100.0;
+            let p50 = |drawn: &[usize]| (quantile(m, drawn, 0.5) / quantile(0, drawn, 0.5) - 1.0) * 100.0;
+            // CPU a request: in a dealt block the modes' request counts differ by one or two.
+            let requests = |m: usize, blocks: &[usize]| -> f64 {
+                blocks
+                    .iter()
+                    .map(|&r| self.histograms[m][r].iter().map(|&(_, n)| n).sum::<u64>())
+                    .sum::<u64>() as f64
+            };
+            let cpu = |drawn: &[usize]| {
+                (cpu_of(m, drawn) / requests(m, drawn) / (cpu_of(0, drawn) / requests(0, drawn)) - 1.0) * 100.0
+            };
+            println!(
+                "  {name} / bare (95% interval): p99 {}, p50 {}, CPU {}",
+                ratios(&p99, &mut rng),
+                ratios(&p50, &mut rng),
+                ratios(&cpu, &mut rng)
+            );
+            // The pooled p99 is set by the rounds the host stalled most; each round's own p99
+            // ratio weighs quiet rounds alike.
+            let mut each: Vec<f64> = (0..rounds).map(|r| p99(&[r])).collect();
+            each.sort_by(f64::total_cmp);
+            // The median's 95% interval by the sign test (normal approximation).
+            let reach = (1.96 * (rounds as f64).sqrt() / 2.0).ceil() as usize;
+            let (low, high) = ((rounds / 2).saturating_sub(reach), (rounds / 2 + reach).min(rounds - 1));
+            println!(
+                "  {name} / bare, each round's p99: median {:+.1}% [{:+.1}%, {:+.1}%], higher than bare's in {} of {rounds}",
+                each[rounds / 2],
+                each[low],
+                each[high],
+                each.iter().filter(|&&r| r > 0.0).count()
+            );
+        }
+    }
+}
+
+/// Starts every mode's service and warms each; the services and a client for each.
+async fn start_all(
+    binary: &PathBuf,
+    modes: &[(&str, Tracing<'_>)],
+    args: &Args,
+) -> anyhow::Result<(Vec<(Service, String)>, Vec<HttpClient>)> {
+    let mut services = Vec::new();
+    for (_, tracing) in modes {
+        services.push(start_service(binary, *tracing, args).await?);
+    }
+    let clients: Vec<HttpClient> = modes.iter().map(|_| http_client()).collect();
+    for ((_, url), client) in services.iter().zip(&clients) {
+        load(client, url, args.rate, Duration::from_secs(args.warmup)).await;
+    }
+    Ok((services, clients))
+}
+
+/// Every process's CPU seconds so far: its threads' run time in ns (`schedstat`), since
+/// /proc/<pid>/stat's 10-ms ticks are too coarse for a slice.
+fn cpu_now(services: &[(Service, String)]) -> Vec<f64> {
+    services.iter().map(|(s, _)| thread_cpu_seconds(s.0.id(), "")).collect()
+}
+
+/// Every mode's service at once, the load moved between them slice by slice (see
+/// `--interleave-ms`).
+async fn interleaved(
+    binary: &PathBuf,
+    modes: &[(&str, Tracing<'_>)],
+    slice: Duration,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let (services, clients) = start_all(binary, modes, args).await?;
+    let mut rounds = Rounds::new(modes);
+    for round in 0..args.rounds.max(2) {
+        let before = cpu_now(&services);
+        let mut latencies = vec![Vec::new(); modes.len()];
+        let mut errors = 0;
+        for k in 0..modes.len() {
+            let m = (round + k) % modes.len();
+            let (slice_latencies, failed) = load(&clients[m], &services[m].1, args.rate, slice).await;
+            latencies[m] = slice_latencies;
+            errors += failed;
+        }
+        let after = cpu_now(&services);
+        let cpu: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        rounds.push(latencies, &cpu, errors);
+    }
+    rounds.report(&format!(
+        "rounds of {} ms a mode at {} requests/s",
         slice.as_millis(),
         args.rate
-    );
-    for (m, (name, _)) in modes.iter().enumerate() {
-        println!(
-            "  {name:6}  p50 {:5.0} us  p90 {:5.0} us  p99 {:6.0} us  CPU {:.1} us a request",
-            quantile(m, &all, 0.5),
-            quantile(m, &all, 0.9),
-            quantile(m, &all, 0.99),
-            cpu_of(m, &all) / requests[m].max(1) as f64 * 1e6
-        );
+    ));
+    Ok(())
+}
+
+/// Every mode's service at once, the requests dealt among them in turn (see `--mix-ms`).
+async fn mixed(binary: &PathBuf, modes: &[(&str, Tracing<'_>)], block: Duration, args: &Args) -> anyhow::Result<()> {
+    let (services, clients) = start_all(binary, modes, args).await?;
+    let targets: Vec<(&HttpClient, &str)> = clients
+        .iter()
+        .zip(&services)
+        .map(|(c, (_, url))| (c, url.as_str()))
+        .collect();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut rounds = Rounds::new(modes);
+    let per_block = (args.rate as f64 * block.as_secs_f64()).round() as usize;
+    for _ in 0..args.rounds.max(2) {
+        // Cycles of one request a mode, each cycle in a fresh order: no mode always follows
+        // the same other one (whose work would leave the caches as it left them).
+        let mut order: Vec<usize> = Vec::with_capacity(per_block + modes.len());
+        while order.len() < per_block {
+            let mut cycle: Vec<usize> = (0..modes.len()).collect();
+            cycle.shuffle(&mut rng);
+            order.extend(cycle);
+        }
+        let before = cpu_now(&services);
+        let (latencies, errors) = load_dealt(&targets, |i| order[i as usize], args.rate, block).await;
+        let after = cpu_now(&services);
+        let cpu: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        rounds.push(latencies, &cpu, errors);
     }
-    // Rounds resampled whole and the same rounds for both modes: a round's minutes of this
-    // machine are shared by its slices, which is what makes the modes comparable.
-    let mut rng = StdRng::seed_from_u64(7);
-    for (m, (name, _)) in modes.iter().enumerate().skip(1) {
-        let ratios = |statistic: &dyn Fn(&[usize]) -> f64, rng: &mut StdRng| {
-            let mut resampled = block_bootstrap(rounds, 2000, rng, |drawn| Some(statistic(drawn)));
-            resampled.sort_by(f64::total_cmp);
-            let at = |q: f64| resampled[((resampled.len() - 1) as f64 * q).round() as usize];
-            format!("{:+.1}% [{:+.1}%, {:+.1}%]", statistic(&all), at(0.025), at(0.975))
-        };
-        let p99 = |drawn: &[usize]| (quantile(m, drawn, 0.99) / quantile(0, drawn, 0.99) - 1.0) * 100.0;
-        let p50 = |drawn: &[usize]| (quantile(m, drawn, 0.5) / quantile(0, drawn, 0.5) - 1.0) * 100.0;
-        let cpu = |drawn: &[usize]| (cpu_of(m, drawn) / cpu_of(0, drawn) - 1.0) * 100.0;
-        println!(
-            "  {name} / bare (95% interval): p99 {}, p50 {}, CPU {}",
-            ratios(&p99, &mut rng),
-            ratios(&p50, &mut rng),
-            ratios(&cpu, &mut rng)
-        );
-    }
+    rounds.report(&format!(
+        "blocks of {} ms, {} requests/s dealt among {} modes",
+        block.as_millis(),
+        args.rate,
+        modes.len()
+    ));
     Ok(())
 }
 
@@ -517,10 +660,18 @@ async fn main() -> anyhow::Result<()> {
         };
         modes.push(("handlers", Tracing::Agent(agent)));
     }
+    if args.control_too {
+        modes.push(("heavier", Tracing::Heavier(CONTROL_PERCENT)));
+    }
     if args.peers_too {
         modes.push(("from_fn", Tracing::Peer("middleware")));
         modes.push(("fastrace", Tracing::Peer("fastrace")));
         modes.push(("otel", Tracing::Peer("opentelemetry")));
+    }
+    if let Some(block_ms) = args.mix_ms {
+        mixed(&binary, &modes, Duration::from_millis(block_ms), &args).await?;
+        drop(collector);
+        return Ok(());
     }
     if let Some(slice_ms) = args.interleave_ms {
         interleaved(&binary, &modes, Duration::from_millis(slice_ms), &args).await?;
