@@ -99,9 +99,9 @@ struct Args {
     /// cost a request is a share.
     #[arg(long, default_value_t = 20_000)]
     work_rounds: u64,
-    /// Also run, in every round, the bare service with 10% more work in its handler: a
-    /// difference of known sign and size (that of ~2,000 rounds of the handler's work), which
-    /// the run's intervals must find, to show what this machine lets a run resolve.
+    /// Also run, in every round, the bare service with 10% more work in its handler (a tenth
+    /// of `--work-rounds` more rounds): a difference of known sign, which the run's intervals
+    /// must find, to show what this machine lets a run resolve.
     #[arg(long)]
     control_too: bool,
 }
