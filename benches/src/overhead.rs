@@ -528,6 +528,15 @@ fn cpu_now(services: &[(Service, String)]) -> Vec<f64> {
     services.iter().map(|(s, _)| thread_cpu_seconds(s.0.id(), "")).collect()
 }
 
+/// Every process's CPU seconds since `before` (a [`cpu_now`] reading).
+fn cpu_since(services: &[(Service, String)], before: &[f64]) -> Vec<f64> {
+    cpu_now(services)
+        .iter()
+        .zip(before)
+        .map(|(now, then)| now - then)
+        .collect()
+}
+
 /// Every mode's service at once, the load moved between them slice by slice (see
 /// `--interleave-ms`).
 async fn interleaved(
@@ -548,9 +557,7 @@ async fn interleaved(
             latencies[m] = slice_latencies;
             errors += failed;
         }
-        let after = cpu_now(&services);
-        let cpu: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-        rounds.push(latencies, &cpu, errors);
+        rounds.push(latencies, &cpu_since(&services, &before), errors);
     }
     rounds.report(&format!(
         "rounds of {} ms a mode at {} requests/s",
@@ -582,9 +589,7 @@ async fn mixed(binary: &PathBuf, modes: &[(&str, Tracing<'_>)], block: Duration,
         }
         let before = cpu_now(&services);
         let (latencies, errors) = load_dealt(&targets, |i| order[i as usize], args.rate, block).await;
-        let after = cpu_now(&services);
-        let cpu: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-        rounds.push(latencies, &cpu, errors);
+        rounds.push(latencies, &cpu_since(&services, &before), errors);
     }
     rounds.report(&format!(
         "blocks of {} ms, {} requests/s dealt among {} modes",
